@@ -1,0 +1,1 @@
+"""The workbench: CLI, load generator, benchmarks, tuning and the performance gate."""

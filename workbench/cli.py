@@ -1,0 +1,21 @@
+"""The `workbench` command. Each command group lives in its own module; this file only wires them."""
+from __future__ import annotations
+
+import typer
+
+app = typer.Typer(help="PagedBench: benchmark and tune LLM serving.", no_args_is_help=True,
+                  pretty_exceptions_enable=False, add_completion=False)
+bench_app = typer.Typer(help="Benchmarks: serving (any OpenAI-compatible endpoint), offline throughput, latency.",
+                        no_args_is_help=True)
+app.add_typer(bench_app, name="bench")
+
+# --- command registration: one line per module (keep this block sorted) ---
+# --- end of command registration ---
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()
