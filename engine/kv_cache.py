@@ -1,0 +1,77 @@
+"""How many KV blocks fit: on GPU, what is left of `gpu_memory_utilization` after weights, the
+peak of a profiling forward pass and the CUDA graphs; on CPU, `kv_cache_memory` bytes."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from engine.config import GiB, ConfigError, EngineConfig
+from engine.models.llama import head_dim_of
+
+log = logging.getLogger("engine")
+
+
+def bytes_per_block(config: EngineConfig) -> int:
+    hf = config.hf_config
+    kv_heads = getattr(hf, "num_key_value_heads", None) or hf.num_attention_heads
+    elem = torch.empty(0, dtype=config.torch_dtype).element_size()
+    return hf.num_hidden_layers * 2 * config.block_size * kv_heads * head_dim_of(hf) * elem
+
+
+@dataclass
+class MemoryProfile:
+    total: int
+    weights: int
+    activation_peak: int  # torch peak during the profiling forward, weights excluded
+    non_torch: int  # CUDA context, cuBLAS workspaces, other libraries
+    cuda_graphs: int
+    kv_budget: int
+
+    def describe(self) -> str:
+        g = lambda b: f"{b / GiB:.2f} GiB"  # noqa: E731
+        return (f"device memory {g(self.total)}; weights {g(self.weights)}, activation peak {g(self.activation_peak)}, "
+                f"non-torch {g(self.non_torch)}, CUDA graphs {g(self.cuda_graphs)} -> KV cache {g(self.kv_budget)}")
+
+
+def gpu_kv_budget(config: EngineConfig, weights: int, torch_peak: int, cuda_graphs: int) -> MemoryProfile:
+    free, total = torch.cuda.mem_get_info()
+    non_torch = max(0, (total - free) - torch.cuda.memory_reserved())
+    budget = int(total * config.gpu_memory_utilization) - torch_peak - non_torch - cuda_graphs
+    profile = MemoryProfile(total=total, weights=weights, activation_peak=torch_peak - weights, non_torch=non_torch,
+                            cuda_graphs=cuda_graphs, kv_budget=budget)
+    if budget <= 0:
+        raise ConfigError(f"no memory left for the KV cache at gpu_memory_utilization="
+                          f"{config.gpu_memory_utilization}: {profile.describe()}. Raise gpu_memory_utilization or "
+                          "lower max_num_batched_tokens / max_num_seqs.")
+    return profile
+
+
+def num_blocks_for(config: EngineConfig, kv_budget: int | None) -> int:
+    per_block = bytes_per_block(config)
+    if config.num_gpu_blocks_override is not None:
+        num_blocks = config.num_gpu_blocks_override
+    elif config.kv_cache_memory is not None:
+        num_blocks = config.kv_cache_memory // per_block
+    else:
+        num_blocks = kv_budget // per_block
+    capacity = num_blocks * config.block_size
+    if capacity < config.max_model_len:
+        raise ConfigError(f"the KV cache holds {num_blocks} blocks = {capacity} tokens, fewer than max_model_len "
+                          f"({config.max_model_len}): one sequence could never finish. Give the cache more memory "
+                          f"or lower max_model_len.")
+    log.info("KV cache: %d blocks of %d tokens = %d tokens; %.3f MiB per block, %.2f GiB in all", num_blocks,
+             config.block_size, capacity, per_block / (1 << 20), num_blocks * per_block / GiB)
+    return num_blocks
+
+
+def allocate_kv_cache(config: EngineConfig, num_blocks: int, device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    hf = config.hf_config
+    kv_heads = getattr(hf, "num_key_value_heads", None) or hf.num_attention_heads
+    shape = (num_blocks, config.block_size, kv_heads, head_dim_of(hf))
+    # Zeros on GPU (a cheap memset) so that padded rows of CUDA-graph batches read finite values;
+    # empty on CPU, where untouched pages then cost nothing.
+    make = torch.zeros if device.type == "cuda" else torch.empty
+    return [(make(shape, dtype=config.torch_dtype, device=device), make(shape, dtype=config.torch_dtype, device=device))
+            for _ in range(hf.num_hidden_layers)]

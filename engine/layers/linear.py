@@ -1,0 +1,43 @@
+"""Linear layers. Each takes a quantization method object that owns its weight layout, its loader
+and its matmul, so AWQ/GPTQ can slot in beside the unquantized one."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+
+class UnquantizedMethod:
+    """Plain dense weights [out_features, in_features], as in Hugging Face checkpoints."""
+
+    def create_weights(self, layer: nn.Module, in_features: int, out_features: int, bias: bool) -> None:
+        layer.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
+        layer.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
+
+    def apply(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, layer.weight, layer.bias)
+
+
+class Linear(nn.Module):
+    """A linear layer whose output is the concatenation of `out_sizes` (one entry for a plain
+    layer; q/k/v or gate/up for merged ones, loaded shard by shard from separate checkpoint
+    tensors, so that one matmul serves all of them)."""
+
+    def __init__(self, in_features: int, out_sizes: list[int], bias: bool = False, method=None):
+        super().__init__()
+        self.in_features = in_features
+        self.out_sizes = list(out_sizes)
+        self.method = method or UnquantizedMethod()
+        self.method.create_weights(self, in_features, sum(out_sizes), bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.method.apply(self, x)
+
+    def load_shard(self, param_name: str, shard: int, tensor: torch.Tensor) -> None:
+        param = getattr(self, param_name)
+        start = sum(self.out_sizes[:shard])
+        size = self.out_sizes[shard]
+        if tensor.shape[0] != size or (param.dim() == 2 and tensor.shape[1] != param.shape[1]):
+            raise ValueError(f"checkpoint tensor of shape {tuple(tensor.shape)} does not fit shard {shard} "
+                             f"({size} rows) of {param_name} {tuple(param.shape)}")
+        param.data[start:start + size].copy_(tensor)

@@ -1,0 +1,108 @@
+"""`LLM`: vLLM's offline Python API over an in-process LLMEngine."""
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence as SequenceABC
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from engine.config import EngineConfig
+from engine.llm_engine import LLMEngine
+from engine.outputs import RequestOutput
+from engine.sampling_params import SamplingParams
+
+PromptType = str | list[int] | dict[str, Any]
+
+
+class LLM:
+    """LLM(model=DIR_OR_PRESET, dtype=..., seed=..., gpu_memory_utilization=..., ...): every keyword of
+    EngineConfig; unknown keywords are an error, not silently dropped."""
+
+    def __init__(self, model: str, **kwargs: Any):
+        unknown = set(kwargs) - EngineConfig.field_names()
+        if unknown:
+            raise TypeError(f"LLM() got unknown argument(s): {', '.join(sorted(unknown))}")
+        self.llm_engine = LLMEngine(EngineConfig(model=str(model), **kwargs))
+        self._ids = itertools.count()
+
+    def get_tokenizer(self):
+        return self.llm_engine.tokenizer
+
+    def generate(self, prompts: PromptType | list[PromptType],
+                 sampling_params: SamplingParams | list[SamplingParams] | None = None,
+                 use_tqdm: bool = True) -> list[RequestOutput]:
+        prompts = self._as_list(prompts)
+        params = self._params_for(prompts, sampling_params)
+        request_ids = []
+        for prompt, p in zip(prompts, params):
+            request_id = str(next(self._ids))
+            text, token_ids = self._prompt_input(prompt)
+            self.llm_engine.add_request(request_id, text if text is not None else token_ids, p,
+                                        prompt_token_ids=token_ids)
+            request_ids.append(request_id)
+        return self._run(request_ids, use_tqdm)
+
+    def chat(self, messages: list[dict] | list[list[dict]], sampling_params: SamplingParams | list | None = None,
+             use_tqdm: bool = True, chat_template: str | None = None, add_generation_prompt: bool = True,
+             continue_final_message: bool = False) -> list[RequestOutput]:
+        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        tokenizer = self.get_tokenizer()
+        prompts = []
+        for conversation in conversations:
+            # The template writes the special tokens itself, so the text is encoded without adding more.
+            text = tokenizer.apply_chat_template(conversation, tokenize=False, chat_template=chat_template,
+                                                 add_generation_prompt=add_generation_prompt,
+                                                 continue_final_message=continue_final_message)
+            prompts.append({"prompt": text,
+                            "prompt_token_ids": tokenizer.encode(text, add_special_tokens=False)})
+        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+
+    # ---------------------------------------------------------------- helpers
+    @staticmethod
+    def _as_list(prompts) -> list[PromptType]:
+        if isinstance(prompts, (str, dict)):
+            return [prompts]
+        if isinstance(prompts, SequenceABC) and prompts and isinstance(prompts[0], int):
+            return [list(prompts)]  # one prompt given as token ids
+        return list(prompts)
+
+    @staticmethod
+    def _params_for(prompts: list, sampling_params) -> list[SamplingParams]:
+        if sampling_params is None:
+            sampling_params = SamplingParams()
+        if isinstance(sampling_params, SamplingParams):
+            return [sampling_params] * len(prompts)
+        if len(sampling_params) != len(prompts):
+            raise ValueError(f"got {len(sampling_params)} SamplingParams for {len(prompts)} prompts")
+        return list(sampling_params)
+
+    @staticmethod
+    def _prompt_input(prompt: PromptType) -> tuple[str | None, list[int] | None]:
+        """(text, token ids) of one prompt; either may be None (text is then encoded by the engine)."""
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" not in prompt and "prompt" not in prompt:
+                raise ValueError("a prompt dict needs 'prompt' or 'prompt_token_ids'")
+            ids = prompt.get("prompt_token_ids")
+            return prompt.get("prompt"), (list(ids) if ids is not None else None)
+        if isinstance(prompt, str):
+            return prompt, None
+        return None, list(prompt)
+
+    def _run(self, request_ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
+        engine = self.llm_engine
+        finished: dict[str, RequestOutput] = {}
+        wanted = set(request_ids)
+        bar = tqdm(total=len(request_ids), desc="Processed prompts", disable=not use_tqdm, dynamic_ncols=True)
+        try:
+            while len(finished) < len(request_ids) and engine.has_unfinished_requests():
+                for out in engine.step():
+                    if out.finished and out.request_id in wanted:
+                        finished[out.request_id] = out
+                        bar.update(1)
+        except BaseException:
+            engine.abort_request([r for r in request_ids if r not in finished])
+            raise
+        finally:
+            bar.close()
+        return [finished[r] for r in request_ids]

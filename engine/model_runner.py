@@ -1,0 +1,203 @@
+"""Turns a scheduled batch into flat tensors, runs the model (eager, or a captured CUDA graph for
+decode batches) and returns the logits of the sequences that sample a token this step."""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+
+from engine.config import EngineConfig
+from engine.kv_cache import allocate_kv_cache, gpu_kv_budget, num_blocks_for
+from engine.layers.attention import AttentionMetadata
+from engine.scheduler import ScheduledBatch
+from engine.sequence import Sequence
+
+log = logging.getLogger("engine")
+
+
+@dataclass
+class StepInputs:
+    input_ids: torch.Tensor
+    positions: torch.Tensor
+    meta: AttentionMetadata
+    logits_indices: torch.Tensor  # rows of the hidden states whose next token is sampled
+    sampled: list[Sequence]  # the sequences those rows belong to, in order
+
+
+def graph_batch_sizes(max_num_seqs: int) -> list[int]:
+    sizes = [1, 2, 4] + list(range(8, max_num_seqs + 1, 8))
+    return sorted({s for s in sizes if s <= max_num_seqs} | {max_num_seqs})
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig, model: torch.nn.Module, device: torch.device):
+        self.config = config
+        self.model = model
+        self.device = device
+        self.block_size = config.block_size
+        self.max_blocks_per_seq = (config.max_model_len + self.block_size - 1) // self.block_size
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.memory_profile = None
+        kv_budget = self._profile_kv_budget() if device.type == "cuda" else None
+        self.num_blocks = num_blocks_for(config, kv_budget)
+        self._bind_cache(allocate_kv_cache(config, self.num_blocks, device))
+        if device.type == "cuda" and not config.enforce_eager:
+            self._capture_graphs()
+
+    def _bind_cache(self, caches: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Point every attention layer at its cache tensors ([] unbinds them, so they can be freed)."""
+        self.kv_caches = caches
+        empty = torch.empty(0, device=self.device)
+        for i, attn in enumerate(self.model.attention_layers()):
+            attn.k_cache, attn.v_cache = caches[i] if caches else (empty, empty)
+
+    # ---------------------------------------------------------------- inputs
+    def prepare(self, batch: ScheduledBatch) -> StepInputs:
+        input_ids, positions, slots, context_lens, cu_seqlens = [], [], [], [], [0]
+        logits_indices, sampled = [], []
+        bs = self.block_size
+        for seq, n in zip(batch.seqs, batch.num_new_tokens):
+            start = seq.num_computed_tokens
+            end = start + n
+            input_ids.extend(seq.token_ids[start:end])
+            positions.extend(range(start, end))
+            table = seq.block_table
+            slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
+            context_lens.append(end)
+            cu_seqlens.append(cu_seqlens[-1] + n)
+            if end == len(seq):  # this chunk reaches the newest token: sample the next one
+                logits_indices.append(cu_seqlens[-1] - 1)
+                sampled.append(seq)
+        width = max(len(seq.block_table) for seq in batch.seqs)
+        tables = [seq.block_table + [0] * (width - len(seq.block_table)) for seq in batch.seqs]
+        meta = AttentionMetadata(
+            slot_mapping=self._tensor(slots, torch.int64), block_tables=self._tensor(tables, torch.int32),
+            context_lens=self._tensor(context_lens, torch.int32), cu_seqlens_q=self._tensor(cu_seqlens, torch.int32),
+            num_decode_seqs=batch.num_decode_seqs, max_query_len=max(batch.num_new_tokens),
+            max_context_len=max(context_lens))
+        return StepInputs(self._tensor(input_ids, torch.int64), self._tensor(positions, torch.int64), meta,
+                          self._tensor(logits_indices, torch.int64), sampled)
+
+    def _tensor(self, data, dtype) -> torch.Tensor:
+        t = torch.tensor(data, dtype=dtype, pin_memory=self.device.type == "cuda")
+        return t.to(self.device, non_blocking=True)
+
+    # ---------------------------------------------------------------- run
+    @torch.inference_mode()
+    def run(self, batch: ScheduledBatch) -> tuple[StepInputs, torch.Tensor]:
+        inputs = self.prepare(batch)
+        num_seqs = len(batch.seqs)
+        if self.graphs and batch.num_decode_seqs == num_seqs and num_seqs <= max(self.graphs):
+            hidden = self._replay(inputs, num_seqs)
+        else:
+            hidden = self.model(inputs.input_ids, inputs.positions, inputs.meta)
+        logits = self.model.compute_logits(hidden[inputs.logits_indices])
+        return inputs, logits
+
+    # ---------------------------------------------------------------- CUDA graphs
+    def _graph_buffers(self, max_bs: int) -> dict[str, torch.Tensor]:
+        d = self.device
+        return {"input_ids": torch.zeros(max_bs, dtype=torch.int64, device=d),
+                "positions": torch.zeros(max_bs, dtype=torch.int64, device=d),
+                "slot_mapping": torch.full((max_bs,), -1, dtype=torch.int64, device=d),
+                "block_tables": torch.zeros(max_bs, self.max_blocks_per_seq, dtype=torch.int32, device=d),
+                "context_lens": torch.ones(max_bs, dtype=torch.int32, device=d),
+                "cu_seqlens_q": torch.arange(max_bs + 1, dtype=torch.int32, device=d)}
+
+    def _graph_meta(self, bufs: dict, bs: int) -> AttentionMetadata:
+        return AttentionMetadata(slot_mapping=bufs["slot_mapping"][:bs], block_tables=bufs["block_tables"][:bs],
+                                 context_lens=bufs["context_lens"][:bs], cu_seqlens_q=bufs["cu_seqlens_q"][:bs + 1],
+                                 num_decode_seqs=bs, max_query_len=1, max_context_len=self.config.max_model_len)
+
+    @torch.inference_mode()
+    def _capture(self, sizes: list[int], bufs: dict) -> tuple[dict, torch.Tensor]:
+        graphs, pool = {}, None
+        hidden_out = torch.zeros(max(sizes), self.config.hf_config.hidden_size, dtype=self.config.torch_dtype,
+                                 device=self.device)
+        for bs in sorted(sizes, reverse=True):  # largest first, so smaller graphs reuse its memory pool
+            meta = self._graph_meta(bufs, bs)
+            args = (bufs["input_ids"][:bs], bufs["positions"][:bs], meta)
+            hidden_out[:bs] = self.model(*args)  # warm-up: compiles and autotunes outside the capture
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                hidden_out[:bs] = self.model(*args)
+            pool = graph.pool()
+            graphs[bs] = graph
+        torch.cuda.synchronize()
+        return graphs, hidden_out
+
+    def _capture_graphs(self) -> None:
+        start = time.perf_counter()
+        sizes = graph_batch_sizes(self.config.max_num_seqs)
+        self.graph_bufs = self._graph_buffers(max(sizes))
+        self.graphs, self.graph_hidden = self._capture(sizes, self.graph_bufs)
+        log.info("captured %d CUDA graphs for decode batch sizes %s..%s in %.1f s", len(sizes), sizes[0], sizes[-1],
+                 time.perf_counter() - start)
+
+    def _replay(self, inputs: StepInputs, num_seqs: int) -> torch.Tensor:
+        bs = min(s for s in self.graphs if s >= num_seqs)
+        bufs, meta = self.graph_bufs, inputs.meta
+        bufs["input_ids"][:num_seqs] = inputs.input_ids
+        bufs["positions"][:num_seqs] = inputs.positions
+        bufs["slot_mapping"][:num_seqs] = meta.slot_mapping
+        bufs["slot_mapping"][num_seqs:bs] = -1
+        bufs["context_lens"][:num_seqs] = meta.context_lens
+        bufs["context_lens"][num_seqs:bs] = 1
+        bufs["block_tables"][:num_seqs, :meta.block_tables.shape[1]] = meta.block_tables
+        self.graphs[bs].replay()
+        return self.graph_hidden[:num_seqs]
+
+    # ---------------------------------------------------------------- memory profiling (GPU)
+    @torch.inference_mode()
+    def _profile_kv_budget(self) -> int:
+        """Run the largest step the scheduler can produce against a small scratch cache, measure the
+        peak, trial-capture the largest decode graph, and return the bytes left for the KV cache."""
+        cfg = self.config
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        weights = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        tokens = cfg.max_num_batched_tokens
+        num_seqs = max(1, min(cfg.max_num_seqs, tokens))
+        per_seq = [tokens // num_seqs + (1 if i < tokens % num_seqs else 0) for i in range(num_seqs)]
+        per_seq = [min(n, cfg.max_model_len) for n in per_seq]
+        blocks = [(n + self.block_size - 1) // self.block_size for n in per_seq]
+        self._bind_cache(allocate_kv_cache(cfg, sum(blocks), self.device))
+        tables, slots, first = [], [], 0
+        for n, b in zip(per_seq, blocks):
+            table = list(range(first, first + b))
+            tables.append(table + [0] * (max(blocks) - b))
+            slots.extend(table[p // self.block_size] * self.block_size + p % self.block_size for p in range(n))
+            first += b
+        cu = [0]
+        for n in per_seq:
+            cu.append(cu[-1] + n)
+        meta = AttentionMetadata(
+            slot_mapping=torch.tensor(slots, device=self.device), block_tables=torch.tensor(tables, dtype=torch.int32,
+                                                                                           device=self.device),
+            context_lens=torch.tensor(per_seq, dtype=torch.int32, device=self.device),
+            cu_seqlens_q=torch.tensor(cu, dtype=torch.int32, device=self.device), num_decode_seqs=0,
+            max_query_len=max(per_seq), max_context_len=max(per_seq))
+        n_tok = sum(per_seq)
+        positions = torch.cat([torch.arange(n, device=self.device) for n in per_seq])
+        input_ids = torch.zeros(n_tok, dtype=torch.int64, device=self.device)
+        hidden = self.model(input_ids, positions, meta)
+        logits = self.model.compute_logits(hidden[torch.tensor(cu[1:], device=self.device) - 1])
+        torch.softmax(logits, dim=-1)  # the sampler's largest temporary
+        del hidden, logits
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated()
+        graph_bytes = 0
+        if not cfg.enforce_eager:
+            before = torch.cuda.memory_reserved()
+            bufs = self._graph_buffers(cfg.max_num_seqs)
+            graphs, out = self._capture([cfg.max_num_seqs], bufs)
+            graph_bytes = torch.cuda.memory_reserved() - before
+            del graphs, out, bufs
+        self._bind_cache([])
+        torch.cuda.empty_cache()
+        self.memory_profile = gpu_kv_budget(cfg, weights, peak, graph_bytes)
+        log.info("memory profile: %s", self.memory_profile.describe())
+        return self.memory_profile.kv_budget
