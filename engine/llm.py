@@ -1,6 +1,7 @@
 """`LLM`: vLLM's offline Python API over an in-process LLMEngine."""
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from collections.abc import Sequence as SequenceABC
 from typing import Any
@@ -10,7 +11,7 @@ from tqdm.auto import tqdm
 from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
 from engine.outputs import RequestOutput
-from engine.sampling_params import SamplingParams
+from engine.sampling_params import RequestOutputKind, SamplingParams
 
 PromptType = str | list[int] | dict[str, Any]
 
@@ -72,10 +73,11 @@ class LLM:
         if sampling_params is None:
             sampling_params = SamplingParams()
         if isinstance(sampling_params, SamplingParams):
-            return [sampling_params] * len(prompts)
+            sampling_params = [sampling_params] * len(prompts)
         if len(sampling_params) != len(prompts):
             raise ValueError(f"got {len(sampling_params)} SamplingParams for {len(prompts)} prompts")
-        return list(sampling_params)
+        # Offline generation returns final outputs only (as vLLM's LLM does).
+        return [dataclasses.replace(p, output_kind=RequestOutputKind.FINAL_ONLY) for p in sampling_params]
 
     @staticmethod
     def _prompt_input(prompt: PromptType) -> tuple[str | None, list[int] | None]:

@@ -15,7 +15,7 @@ from engine.model_runner import ModelRunner
 from engine.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from engine.presets import resolve_model
 from engine.sampler import Sampler, SampleResult, SamplingBatch, make_generator
-from engine.sampling_params import SamplingParams
+from engine.sampling_params import RequestOutputKind, SamplingParams
 from engine.scheduler import Scheduler
 from engine.sequence import Sequence
 
@@ -168,7 +168,8 @@ class LLMEngine:
                 self._append(seq, i, result, now)
                 touched[seq.request_id] = self.requests[seq.request_id]
         for request in touched.values():
-            outputs.append(self._output(request))
+            if request.finished or request.params.output_kind != RequestOutputKind.FINAL_ONLY:
+                outputs.append(self._output(request))
             if request.finished:
                 request.metrics.finished_time = time.monotonic()
                 del self.requests[request.request_id]
@@ -225,21 +226,34 @@ class LLMEngine:
         p = seq.params
         past_min = seq.num_output_tokens >= p.min_tokens
         if past_min and not p.ignore_eos and token in self.eos_token_ids:
+            seq.stopped_on_token = True
             return "stop", None
         if past_min and token in p.stop_token_ids:
+            seq.stopped_on_token = True
             return "stop", token
-        stop_str = seq.detokenizer.append([token])
-        if past_min and stop_str is not None:
-            return "stop", stop_str
+        if self._detokenize_each_step(seq):
+            stop_str = seq.detokenizer.append([token])
+            if past_min and stop_str is not None:
+                return "stop", stop_str
         max_tokens = p.max_tokens if p.max_tokens is not None else self.config.max_model_len
         if seq.num_output_tokens >= max_tokens or len(seq) >= self.config.max_model_len:
             return "length", None
         return None, None
 
+    @staticmethod
+    def _detokenize_each_step(seq: Sequence) -> bool:
+        """Text is needed every step to find stop strings or to stream it; otherwise (offline runs)
+        the output is decoded once when it is returned, which keeps the per-step host cost flat."""
+        return bool(seq.params.stop_list) or seq.params.output_kind != RequestOutputKind.FINAL_ONLY
+
     def _output(self, request: Request) -> RequestOutput:
         completions = []
         for seq in request.seqs:
             finished = seq.is_finished
+            if not self._detokenize_each_step(seq):
+                end = seq.num_output_tokens - (1 if seq.stopped_on_token else 0)  # as vLLM: no stop-token text
+                seq.detokenizer.append(seq.output_token_ids[seq.detokenized_tokens:end])
+                seq.detokenized_tokens = end
             completions.append(CompletionOutput(
                 index=seq.index, text=seq.detokenizer.stable_text(finished), token_ids=seq.output_token_ids,
                 cumulative_logprob=seq.cumulative_logprob if seq.params.logprobs is not None else None,

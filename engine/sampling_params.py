@@ -2,6 +2,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import IntEnum
+
+
+class RequestOutputKind(IntEnum):
+    """What step() returns for a request, as in vLLM: everything so far each step, or only the
+    final output (offline generation; lets the engine detokenize once at the end)."""
+    CUMULATIVE = 0
+    DELTA = 1
+    FINAL_ONLY = 2
 
 
 @dataclass
@@ -24,6 +33,7 @@ class SamplingParams:
     logprobs: int | None = None  # number of top logprobs per generated token (0 = sampled only)
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
+    output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
     stop_list: list[str] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -54,6 +64,8 @@ class SamplingParams:
             (self.prompt_logprobs is None or self.prompt_logprobs >= 0,
              f"prompt_logprobs must be non-negative, got {self.prompt_logprobs}"),
         ]
+        checks.append((self.output_kind != RequestOutputKind.DELTA,
+                       "output_kind=DELTA is not supported; use CUMULATIVE (and diff) or FINAL_ONLY"))
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)

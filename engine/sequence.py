@@ -29,6 +29,8 @@ class Sequence:
         self.arrival_time = arrival_time
         self.generator = generator
         self.detokenizer = detokenizer
+        self.detokenized_tokens = 0  # output tokens already handed to the detokenizer
+        self.stopped_on_token = False  # finished by EOS or a stop token id (whose text is not shown)
         self.status = SequenceStatus.WAITING
         self.block_table: list[int] = []
         self.block_hashes: list[int] = []  # prefix-cache hash chain of its full, computed blocks

@@ -1,0 +1,8 @@
+import os
+import tempfile
+from pathlib import Path
+
+# One preset cache for the whole test session (servers started by tests inherit it), outside the
+# user's own cache so tests never depend on what a developer created by hand.
+os.environ.setdefault("PAGEDBENCH_CACHE", str(Path(tempfile.gettempdir()) / "pagedbench-test-cache"))
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
