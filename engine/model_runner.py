@@ -6,6 +6,7 @@ import logging
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from engine.config import EngineConfig
@@ -61,28 +62,38 @@ class ModelRunner:
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
             start = seq.num_computed_tokens
             end = start + n
-            input_ids.extend(seq.token_ids[start:end])
-            positions.extend(range(start, end))
             table = seq.block_table
-            slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
+            if n == 1:  # the decode fast path: most rows of most steps
+                input_ids.append(seq.token_ids[start])
+                positions.append(start)
+                slots.append(table[start // bs] * bs + start % bs)
+            else:
+                input_ids.extend(seq.token_ids[start:end])
+                positions.extend(range(start, end))
+                slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
             context_lens.append(end)
             cu_seqlens.append(cu_seqlens[-1] + n)
             if end == len(seq):  # this chunk reaches the newest token: sample the next one
                 logits_indices.append(cu_seqlens[-1] - 1)
                 sampled.append(seq)
-        width = max(len(seq.block_table) for seq in batch.seqs)
-        tables = [seq.block_table + [0] * (width - len(seq.block_table)) for seq in batch.seqs]
+        tables = np.zeros((len(batch.seqs), max(len(seq.block_table) for seq in batch.seqs)), dtype=np.int32)
+        for row, seq in zip(tables, batch.seqs):
+            row[:len(seq.block_table)] = seq.block_table
         meta = AttentionMetadata(
-            slot_mapping=self._tensor(slots, torch.int64), block_tables=self._tensor(tables, torch.int32),
+            slot_mapping=self._tensor(slots, torch.int64), block_tables=self._to_device(torch.from_numpy(tables)),
             context_lens=self._tensor(context_lens, torch.int32), cu_seqlens_q=self._tensor(cu_seqlens, torch.int32),
             num_decode_seqs=batch.num_decode_seqs, max_query_len=max(batch.num_new_tokens),
             max_context_len=max(context_lens))
         return StepInputs(self._tensor(input_ids, torch.int64), self._tensor(positions, torch.int64), meta,
                           self._tensor(logits_indices, torch.int64), sampled)
 
-    def _tensor(self, data, dtype) -> torch.Tensor:
-        t = torch.tensor(data, dtype=dtype, pin_memory=self.device.type == "cuda")
-        return t.to(self.device, non_blocking=True)
+    def _tensor(self, data: list, dtype: torch.dtype) -> torch.Tensor:
+        return self._to_device(torch.tensor(data, dtype=dtype))
+
+    def _to_device(self, t: torch.Tensor) -> torch.Tensor:
+        if self.device.type == "cpu":
+            return t
+        return t.pin_memory().to(self.device, non_blocking=True)
 
     # ---------------------------------------------------------------- run
     @torch.inference_mode()

@@ -25,8 +25,12 @@ def paged_decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: 
     values = v_cache[table].flatten(1, 2)[:, :max_len].float()
     keys = keys.repeat_interleave(group, dim=2)
     values = values.repeat_interleave(group, dim=2)
-    scores = torch.einsum("shd,slhd->shl", q.float(), keys) * scale
     positions = torch.arange(max_len, device=q.device)
-    scores.masked_fill_(positions[None, None, :] >= context_lens[:, None, None], float("-inf"))
+    beyond = positions[None, :] >= context_lens[:, None]  # [num_seqs, max_len]
+    # Slots past a sequence's end hold whatever the cache had (possibly NaN bits): zero them so that a
+    # masked position contributes exactly nothing (0 * NaN would still be NaN).
+    values = values.masked_fill(beyond[:, :, None, None], 0.0)
+    scores = torch.einsum("shd,slhd->shl", q.float(), keys.masked_fill(beyond[:, :, None, None], 0.0)) * scale
+    scores.masked_fill_(beyond[:, None, :], float("-inf"))
     probs = torch.softmax(scores, dim=-1)
     return torch.einsum("shl,slhd->shd", probs, values).to(q.dtype)

@@ -1,0 +1,47 @@
+"""On the GPU: the full engine (Triton kernels, CUDA graphs on and off) against transformers."""
+import pytest
+import torch
+
+from engine import LLM, SamplingParams
+from tests.engine_helpers import model_dir, random_prompts, shared_prefix_prompts
+
+pytestmark = pytest.mark.gpu
+BF16_TOKENS = 8  # bfloat16 rounding differs between implementations; compare this many tokens
+
+
+def hf_greedy_gpu(path, prompts, new_tokens, dtype):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).cuda().eval()
+    out = []
+    for p in prompts:
+        with torch.no_grad():
+            ids = model.generate(torch.tensor([p], device="cuda"), max_new_tokens=new_tokens,
+                                 min_new_tokens=new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0)
+        out.append(ids[0, len(p):].tolist())
+    return out
+
+
+@pytest.mark.parametrize("enforce_eager", [False, True])
+@pytest.mark.parametrize("name", ["tiny", "tiny-llama", "qwen2.5-0.5b"])
+def test_float32_greedy_equals_transformers(name, enforce_eager):
+    prompts = random_prompts(8, 4000, seed=2, lo=5, hi=300) + shared_prefix_prompts(4, 4000, prefix_len=70)
+    expected = hf_greedy_gpu(model_dir(name), prompts, 24, torch.float32)
+    llm = LLM(name, dtype="float32", enforce_eager=enforce_eager, max_model_len=1024, max_num_seqs=16,
+              enable_prefix_caching=True, max_num_batched_tokens=256, gpu_memory_utilization=0.5)
+    assert bool(llm.llm_engine.runner.graphs) == (not enforce_eager)
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
+                        SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True), use_tqdm=False)
+    for i, (o, e) in enumerate(zip(outs, expected)):
+        assert o.outputs[0].token_ids == e, f"prompt {i} diverges"
+
+
+@pytest.mark.parametrize("name", ["tiny", "qwen2.5-0.5b"])
+def test_bfloat16_greedy_prefix_equals_transformers(name):
+    prompts = random_prompts(8, 4000, seed=3, lo=5, hi=200)
+    expected = hf_greedy_gpu(model_dir(name), prompts, BF16_TOKENS, torch.bfloat16)
+    llm = LLM(name, dtype="bfloat16", max_model_len=1024, max_num_seqs=16, gpu_memory_utilization=0.5)
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
+                        SamplingParams(temperature=0.0, max_tokens=BF16_TOKENS, ignore_eos=True), use_tqdm=False)
+    same = sum(o.outputs[0].token_ids == e for o, e in zip(outs, expected))
+    assert same >= 7, f"only {same}/8 prompts agree for {BF16_TOKENS} bfloat16 tokens"
