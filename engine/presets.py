@@ -1,0 +1,269 @@
+"""Synthetic model presets: Hugging Face model directories with the shapes of real models, seeded
+random weights and a real BPE tokenizer, so that loading, tokenizing, chat templates and serving
+all run the real code paths without downloading anything (vLLM's --load-format dummy is the
+precedent: speed depends on shapes, not on weight values)."""
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import shutil
+import struct
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from engine.preset_tokenizer import save_tokenizer
+
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 8192}
+
+
+@dataclass(frozen=True)
+class PresetSpec:
+    name: str
+    architecture: str  # Qwen2ForCausalLM | LlamaForCausalLM
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    vocab_size: int
+    max_position_embeddings: int
+    rope_theta: float
+    tie_word_embeddings: bool
+    dtype: str = "bfloat16"
+    rope_scaling: dict | None = field(default=None, hash=False)
+    rms_norm_eps: float = 1e-6
+    bpe_vocab: int = 16000
+    description: str = ""
+
+    @property
+    def family(self) -> str:
+        return "qwen" if self.architecture == "Qwen2ForCausalLM" else "llama3"
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+
+PRESETS = {p.name: p for p in [
+    PresetSpec("tiny", "Qwen2ForCausalLM", 128, 352, 4, 4, 2, 4096, 2048, 1e6, True, dtype="float32",
+               bpe_vocab=4000, description="Qwen2 architecture, a few MB: tests and CPU runs"),
+    PresetSpec("tiny-llama", "LlamaForCausalLM", 192, 512, 3, 6, 2, 4096, 4096, 5e5, False, dtype="float32",
+               rope_scaling={**LLAMA3_ROPE, "factor": 8.0, "original_max_position_embeddings": 1024},
+               rms_norm_eps=1e-5, bpe_vocab=4000, description="Llama 3 architecture, untied, GQA 3:1"),
+    PresetSpec("qwen2.5-0.5b", "Qwen2ForCausalLM", 896, 4864, 24, 14, 2, 151936, 32768, 1e6, True,
+               description="Qwen2.5-0.5B shapes"),
+    PresetSpec("qwen2.5-7b", "Qwen2ForCausalLM", 3584, 18944, 28, 28, 4, 152064, 32768, 1e6, False,
+               description="Qwen2.5-7B shapes"),
+    PresetSpec("llama-3.2-1b", "LlamaForCausalLM", 2048, 8192, 16, 32, 8, 128256, 131072, 5e5, True,
+               rope_scaling=LLAMA3_ROPE, rms_norm_eps=1e-5, description="Llama-3.2-1B shapes"),
+    PresetSpec("llama-3-8b", "LlamaForCausalLM", 4096, 14336, 32, 32, 8, 128256, 8192, 5e5, False,
+               rms_norm_eps=1e-5, description="Llama-3-8B shapes"),
+]}
+
+
+# ---------------------------------------------------------------- shapes and sizes
+def tensor_shapes(spec: PresetSpec) -> dict[str, tuple[int, ...]]:
+    """Every tensor of the checkpoint under Hugging Face's names."""
+    h, d = spec.hidden_size, spec.head_dim
+    q, kv, inter = spec.num_attention_heads * d, spec.num_key_value_heads * d, spec.intermediate_size
+    shapes = {"model.embed_tokens.weight": (spec.vocab_size, h)}
+    for i in range(spec.num_hidden_layers):
+        p = f"model.layers.{i}."
+        shapes |= {p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,),
+                   p + "self_attn.q_proj.weight": (q, h), p + "self_attn.k_proj.weight": (kv, h),
+                   p + "self_attn.v_proj.weight": (kv, h), p + "self_attn.o_proj.weight": (h, q),
+                   p + "mlp.gate_proj.weight": (inter, h), p + "mlp.up_proj.weight": (inter, h),
+                   p + "mlp.down_proj.weight": (h, inter)}
+        if spec.architecture == "Qwen2ForCausalLM":
+            shapes |= {p + "self_attn.q_proj.bias": (q,), p + "self_attn.k_proj.bias": (kv,),
+                       p + "self_attn.v_proj.bias": (kv,)}
+    shapes["model.norm.weight"] = (h,)
+    if not spec.tie_word_embeddings:
+        shapes["lm_head.weight"] = (spec.vocab_size, h)
+    return shapes
+
+
+def estimate_params(spec: PresetSpec) -> int:
+    return sum(int(np.prod(s)) for s in tensor_shapes(spec).values())
+
+
+def init_std(name: str, shape: tuple[int, ...], spec: PresetSpec) -> float:
+    """Scales that keep activations finite in half precision and make the logits decisive: the
+    output projections are damped so the residual stream grows slowly, and the (un)embedding
+    gives logits a standard deviation of about 3, far above rounding noise."""
+    if name.endswith("norm.weight"):
+        return 0.0  # constant 1
+    if name.endswith(".bias"):
+        return 0.02
+    if "embed_tokens" in name or "lm_head" in name:
+        return 3.0 / spec.hidden_size ** 0.5
+    fan_in = shape[-1]
+    damp = 0.5 if ("o_proj" in name or "down_proj" in name) else 1.0
+    return damp / fan_in ** 0.5
+
+
+# ---------------------------------------------------------------- writing a checkpoint
+def hf_config(spec: PresetSpec, token_ids: dict) -> dict:
+    model_type = "qwen2" if spec.architecture == "Qwen2ForCausalLM" else "llama"
+    config = {"architectures": [spec.architecture], "model_type": model_type, "hidden_size": spec.hidden_size,
+              "intermediate_size": spec.intermediate_size, "num_hidden_layers": spec.num_hidden_layers,
+              "num_attention_heads": spec.num_attention_heads, "num_key_value_heads": spec.num_key_value_heads,
+              "vocab_size": spec.vocab_size, "max_position_embeddings": spec.max_position_embeddings,
+              "rope_theta": spec.rope_theta, "rope_scaling": spec.rope_scaling, "rms_norm_eps": spec.rms_norm_eps,
+              "tie_word_embeddings": spec.tie_word_embeddings, "hidden_act": "silu", "torch_dtype": spec.dtype,
+              "bos_token_id": token_ids["bos_token_id"], "eos_token_id": token_ids["eos_token_id"],
+              "pad_token_id": token_ids["pad_token_id"], "initializer_range": 0.02, "use_cache": True}
+    if model_type == "llama":
+        config |= {"attention_bias": False, "mlp_bias": False, "head_dim": spec.head_dim}
+    return config
+
+
+def write_checkpoint(spec: PresetSpec, out_dir: str | Path, seed: int = 0, with_weights: bool = True,
+                     shard_bytes: int = 2 << 30) -> Path:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    ids = save_tokenizer(spec.family, spec.bpe_vocab, out, spec.max_position_embeddings)
+    if ids["vocab_size"] > spec.vocab_size:
+        raise ValueError(f"{spec.name}: tokenizer has {ids['vocab_size']} tokens, more than the model's "
+                         f"vocab_size {spec.vocab_size}")
+    (out / "config.json").write_text(json.dumps(hf_config(spec, ids), indent=2))
+    gen = {"bos_token_id": ids["bos_token_id"], "eos_token_id": ids["generation_eos_ids"],
+           "pad_token_id": ids["pad_token_id"], "do_sample": False}
+    (out / "generation_config.json").write_text(json.dumps(gen, indent=2))
+    if with_weights:
+        write_weights(spec, out, seed, shard_bytes)
+    return out
+
+
+def write_weights(spec: PresetSpec, out: Path, seed: int, shard_bytes: int) -> None:
+    shapes = tensor_shapes(spec)
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[spec.dtype]
+    elem = torch.empty(0, dtype=dtype).element_size()
+    shards, current, size = [], [], 0
+    for name, shape in shapes.items():
+        nbytes = int(np.prod(shape)) * elem
+        if current and size + nbytes > shard_bytes:
+            shards.append(current)
+            current, size = [], 0
+        current.append(name)
+        size += nbytes
+    shards.append(current)
+    source = RandomSource(seed, dtype)
+    if len(shards) == 1:
+        _write_safetensors(out / "model.safetensors", shards[0], shapes, spec, source)
+        return
+    weight_map = {}
+    for i, names in enumerate(shards, start=1):
+        file = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        _write_safetensors(out / file, names, shapes, spec, source)
+        weight_map |= {n: file for n in names}
+    total = sum(int(np.prod(shapes[n])) * elem for n in shapes)
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
+class RandomSource:
+    """Seeded normal values. Small tensors are drawn fresh; big ones are windows of one shared random
+    pool at seeded offsets, scaled per tensor, so that writing a 7B checkpoint is disk-bound."""
+    POOL = 1 << 24  # 16M values
+    FRESH_LIMIT = 1 << 22
+
+    def __init__(self, seed: int, dtype: torch.dtype):
+        self.dtype = dtype
+        self.gen = torch.Generator().manual_seed(seed)
+        self.rng = np.random.default_rng(seed)
+        self._pool: torch.Tensor | None = None
+
+    def tensor(self, shape: tuple[int, ...], std: float) -> torch.Tensor:
+        if std == 0.0:
+            return torch.ones(shape, dtype=self.dtype)
+        n = int(np.prod(shape))
+        if n <= self.FRESH_LIMIT:
+            return (torch.randn(shape, generator=self.gen) * std).to(self.dtype)
+        if self._pool is None:
+            self._pool = torch.randn(self.POOL, generator=self.gen)
+        reps = -(-n // self.POOL) + 1
+        start = int(self.rng.integers(self.POOL))
+        window = self._pool.roll(-start).repeat(reps)[:n] if reps > 1 else self._pool.roll(-start)[:n]
+        return (window * std).to(self.dtype).view(shape)
+
+
+def _write_safetensors(path: Path, names: list[str], shapes: dict, spec: PresetSpec, source: RandomSource) -> None:
+    """safetensors' format written tensor by tensor, so a shard never sits whole in memory."""
+    code = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}[source.dtype]
+    elem = torch.empty(0, dtype=source.dtype).element_size()
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    for name in names:
+        nbytes = int(np.prod(shapes[name])) * elem
+        header[name] = {"dtype": code, "shape": list(shapes[name]), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)))
+        f.write(blob)
+        for name in names:
+            t = source.tensor(shapes[name], init_std(name, shapes[name], spec))
+            f.write(t.contiguous().view(torch.uint8).numpy().tobytes())
+
+
+# ---------------------------------------------------------------- presets by name
+def cache_root() -> Path:
+    return Path(os.environ.get("PAGEDBENCH_CACHE") or Path.home() / ".cache" / "pagedbench" / "models")
+
+
+def create_preset(name: str, out_dir: str | Path, seed: int = 0, with_weights: bool = True,
+                  force: bool = False) -> Path:
+    """Write preset `name` to `out_dir` atomically: a temporary directory renamed into place, so an
+    interrupted write never leaves a directory that looks complete."""
+    if name not in PRESETS:
+        raise KeyError(f"unknown preset {name!r}; presets: {', '.join(PRESETS)}")
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()):
+        if not force:
+            raise FileExistsError(f"{out} exists and is not empty (use force to overwrite)")
+        shutil.rmtree(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    try:
+        write_checkpoint(PRESETS[name], tmp, seed=seed, with_weights=with_weights)
+        if out.exists():
+            out.rmdir()
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def resolve_model(name_or_dir: str | Path, with_weights: bool = True) -> Path:
+    """A model directory as is, or a preset created once into the cache (under a file lock, so
+    concurrent servers don't race). Without weights (load_format='dummy') only the config and
+    tokenizer are written, under a separate name."""
+    path = Path(name_or_dir).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"model directory {path} has no config.json")
+        return path
+    name = str(name_or_dir)
+    if name not in PRESETS:
+        raise FileNotFoundError(f"{name!r} is neither a model directory nor a preset; presets: {', '.join(PRESETS)}")
+    target = cache_root() / (name if with_weights else f"{name}-noweights")
+    if (target / "config.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / f".{target.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (target / "config.json").is_file():
+            create_preset(name, target, with_weights=with_weights, force=True)
+    return target
+
+
+def describe(spec: PresetSpec) -> dict:
+    return {**asdict(spec), "params": estimate_params(spec)}
