@@ -169,38 +169,47 @@ def write_weights(spec: PresetSpec, out: Path, seed: int, shard_bytes: int) -> N
 
 
 class RandomSource:
-    """Seeded normal values. Small tensors are drawn fresh; big ones are windows of one shared random
-    pool at seeded offsets, scaled per tensor, so that writing a 7B checkpoint is disk-bound."""
-    POOL = 1 << 24  # 16M values
+    """Seeded normal values. Small tensors are drawn fresh; big ones are byte windows, at seeded
+    offsets, of a random pool already scaled to their standard deviation, so writing a 7B checkpoint
+    costs no arithmetic per element: it is disk-bound."""
+    POOL = 1 << 24  # values per pool
     FRESH_LIMIT = 1 << 22
 
     def __init__(self, seed: int, dtype: torch.dtype):
         self.dtype = dtype
+        self.elem = torch.empty(0, dtype=dtype).element_size()
         self.gen = torch.Generator().manual_seed(seed)
         self.rng = np.random.default_rng(seed)
-        self._pool: torch.Tensor | None = None
+        self._pools: dict[float, np.ndarray] = {}
 
-    def tensor(self, shape: tuple[int, ...], std: float) -> torch.Tensor:
-        if std == 0.0:
-            return torch.ones(shape, dtype=self.dtype)
+    def write(self, f, shape: tuple[int, ...], std: float) -> None:
         n = int(np.prod(shape))
-        if n <= self.FRESH_LIMIT:
-            return (torch.randn(shape, generator=self.gen) * std).to(self.dtype)
-        if self._pool is None:
-            self._pool = torch.randn(self.POOL, generator=self.gen)
-        reps = -(-n // self.POOL) + 1
-        start = int(self.rng.integers(self.POOL))
-        window = self._pool.roll(-start).repeat(reps)[:n] if reps > 1 else self._pool.roll(-start)[:n]
-        return (window * std).to(self.dtype).view(shape)
+        if std == 0.0 or n <= self.FRESH_LIMIT:
+            t = torch.ones(shape) if std == 0.0 else torch.randn(shape, generator=self.gen) * std
+            f.write(t.to(self.dtype).contiguous().view(torch.uint8).numpy().tobytes())
+            return
+        pool = memoryview(self._pool(std))
+        remaining = n * self.elem
+        start = int(self.rng.integers(self.POOL)) * self.elem
+        while remaining:
+            chunk = pool[start:start + remaining]
+            f.write(chunk)
+            remaining -= len(chunk)
+            start = 0
+
+    def _pool(self, std: float) -> np.ndarray:
+        if std not in self._pools:
+            values = (torch.randn(self.POOL, generator=self.gen) * std).to(self.dtype)
+            self._pools[std] = values.view(torch.uint8).numpy()
+        return self._pools[std]
 
 
 def _write_safetensors(path: Path, names: list[str], shapes: dict, spec: PresetSpec, source: RandomSource) -> None:
     """safetensors' format written tensor by tensor, so a shard never sits whole in memory."""
     code = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}[source.dtype]
-    elem = torch.empty(0, dtype=source.dtype).element_size()
     header, offset = {"__metadata__": {"format": "pt"}}, 0
     for name in names:
-        nbytes = int(np.prod(shapes[name])) * elem
+        nbytes = int(np.prod(shapes[name])) * source.elem
         header[name] = {"dtype": code, "shape": list(shapes[name]), "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
     blob = json.dumps(header, separators=(",", ":")).encode()
@@ -209,8 +218,7 @@ def _write_safetensors(path: Path, names: list[str], shapes: dict, spec: PresetS
         f.write(struct.pack("<Q", len(blob)))
         f.write(blob)
         for name in names:
-            t = source.tensor(shapes[name], init_std(name, shapes[name], spec))
-            f.write(t.contiguous().view(torch.uint8).numpy().tobytes())
+            source.write(f, shapes[name], init_std(name, shapes[name], spec))
 
 
 # ---------------------------------------------------------------- presets by name

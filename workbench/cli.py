@@ -10,6 +10,7 @@ bench_app = typer.Typer(help="Benchmarks: serving (any OpenAI-compatible endpoin
 app.add_typer(bench_app, name="bench")
 
 # --- command registration: one line per module (keep this block sorted) ---
+from workbench.models_cmd import app as models_app; app.add_typer(models_app, name="models")  # noqa: E402,E702
 # --- end of command registration ---
 
 
