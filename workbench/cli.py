@@ -11,6 +11,7 @@ app.add_typer(bench_app, name="bench")
 
 # --- command registration: one line per module (keep this block sorted) ---
 from workbench.models_cmd import app as models_app; app.add_typer(models_app, name="models")  # noqa: E402,E702
+from workbench.serve_cmd import serve; app.command("serve", add_help_option=False, context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(serve)  # noqa: E402,E702,E501
 # --- end of command registration ---
 
 

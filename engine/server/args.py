@@ -1,0 +1,69 @@
+"""The server's command line: vLLM's flag names and meanings, one parser for `workbench serve` and
+`python -m engine.server`."""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+
+from engine.config import EngineConfig
+
+_UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "kib": 1024, "m": 1e6, "mb": 1e6, "mib": 1 << 20, "g": 1e9,
+          "gb": 1e9, "gib": 1 << 30}
+
+
+def byte_size(text: str) -> int:
+    """'2GiB', '512MiB', '1e9' or plain bytes."""
+    m = re.fullmatch(r"\s*([0-9.eE+]+)\s*([a-zA-Z]*)\s*", text)
+    if not m or m.group(2).lower() not in _UNITS:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 2GiB, 512MiB, 1000000000)")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+def build_parser(prog: str = "workbench serve") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description="OpenAI-compatible server over the PagedBench engine "
+                                "(vLLM's flags and meanings).")
+    p.add_argument("model", help="model directory (Hugging Face format) or a preset name, e.g. tiny")
+    s = p.add_argument_group("server")
+    s.add_argument("--host", default="0.0.0.0")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--api-key", default=os.environ.get("VLLM_API_KEY") or os.environ.get("PAGEDBENCH_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on /v1 routes (env: VLLM_API_KEY)")
+    s.add_argument("--served-model-name", default=None)
+    s.add_argument("--max-n", type=int, default=None, help="largest n a request may ask for (default max-num-seqs)")
+    s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    e = p.add_argument_group("engine")
+    e.add_argument("--tokenizer", default=None)
+    e.add_argument("--dtype", default="auto", choices=["auto", "float16", "half", "bfloat16", "float32", "float"])
+    e.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--load-format", default="auto", choices=["auto", "safetensors", "dummy"])
+    e.add_argument("--max-model-len", type=int, default=None)
+    e.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    e.add_argument("--kv-cache-memory", type=byte_size, default=None, help="KV cache size, e.g. 2GiB (CPU default 1GiB)")
+    e.add_argument("--num-gpu-blocks-override", type=int, default=None)
+    e.add_argument("--block-size", type=int, default=16)
+    e.add_argument("--max-num-seqs", type=int, default=256)
+    e.add_argument("--max-num-batched-tokens", type=int, default=None)
+    e.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=False)
+    e.add_argument("--enable-chunked-prefill", action=argparse.BooleanOptionalAction, default=True)
+    e.add_argument("--enforce-eager", action="store_true")
+    e.add_argument("--max-logprobs", type=int, default=20)
+    # Accepted so vLLM command lines parse; EngineConfig refuses them with a clear message.
+    e.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
+    e.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1)
+    e.add_argument("--quantization", "-q", default=None)
+    e.add_argument("--speculative-model", default=None)
+    e.add_argument("--num-speculative-tokens", type=int, default=None)
+    e.add_argument("--enable-lora", action="store_true")
+    return p
+
+
+SERVER_ONLY = {"host", "port", "api_key", "max_n", "log_level"}
+
+
+def engine_config(args: argparse.Namespace) -> EngineConfig:
+    kwargs = {k: v for k, v in vars(args).items() if k not in SERVER_ONLY}
+    unknown = set(kwargs) - EngineConfig.field_names()
+    assert not unknown, f"parser flags without an EngineConfig field: {unknown}"
+    return EngineConfig(**kwargs)
