@@ -1,14 +1,11 @@
 """Every Triton kernel against its torch reference, on small shapes through Triton's CPU interpreter."""
 import os
+import random
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
+import pytest
+import torch
 
-import random  # noqa: E402
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-triton = pytest.importorskip("triton")
+triton = pytest.importorskip("triton")  # tests/conftest.py turns on its CPU interpreter when there is no GPU
 
 from kernels import kv_cache, paged_attention, prefill_attention, rmsnorm, rotary  # noqa: E402
 
