@@ -6,7 +6,8 @@ from engine import LLM, SamplingParams
 from tests.engine_helpers import model_dir, random_prompts, shared_prefix_prompts
 
 pytestmark = pytest.mark.gpu
-BF16_TOKENS = 8  # bfloat16 rounding differs between implementations; compare this many tokens
+BF16_TOKENS = 24  # tokens generated per prompt in the bfloat16 check
+BF16_MARGIN = 0.25  # logits: where transformers' own top-1 lead exceeds this, we must agree
 
 
 def hf_greedy_gpu(path, prompts, new_tokens, dtype):
@@ -37,11 +38,26 @@ def test_float32_greedy_equals_transformers(name, enforce_eager):
 
 
 @pytest.mark.parametrize("name", ["tiny", "qwen2.5-0.5b"])
-def test_bfloat16_greedy_prefix_equals_transformers(name):
+def test_bfloat16_agrees_wherever_transformers_is_decisive(name):
+    """bfloat16 rounding differs between any two implementations, so free-running greedy texts drift
+    apart once a near-tie flips. The stated check: over BF16_TOKENS generated tokens per prompt, fed back
+    to transformers (teacher forcing), our token equals transformers' argmax at every position where its
+    own top-1 margin exceeds BF16_MARGIN logits."""
+    from transformers import AutoModelForCausalLM
+
     prompts = random_prompts(8, 4000, seed=3, lo=5, hi=200)
-    expected = hf_greedy_gpu(model_dir(name), prompts, BF16_TOKENS, torch.bfloat16)
     llm = LLM(name, dtype="bfloat16", max_model_len=1024, max_num_seqs=16, gpu_memory_utilization=0.5)
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
                         SamplingParams(temperature=0.0, max_tokens=BF16_TOKENS, ignore_eos=True), use_tqdm=False)
-    same = sum(o.outputs[0].token_ids == e for o, e in zip(outs, expected))
-    assert same >= 7, f"only {same}/8 prompts agree for {BF16_TOKENS} bfloat16 tokens"
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir(name)), dtype=torch.bfloat16).cuda().eval()
+    checked = 0
+    for p, o in zip(prompts, outs):
+        ids = p + o.outputs[0].token_ids
+        with torch.no_grad():
+            logits = model(torch.tensor([ids], device="cuda")).logits[0, len(p) - 1:-1].float()
+        top2 = logits.topk(2, dim=-1)
+        decisive = (top2.values[:, 0] - top2.values[:, 1]) > BF16_MARGIN
+        ours = torch.tensor(o.outputs[0].token_ids, device="cuda")
+        assert torch.equal(ours[decisive], top2.indices[decisive, 0]), f"prompt of {len(p)} tokens"
+        checked += int(decisive.sum())
+    assert checked >= len(prompts) * BF16_TOKENS // 2, "too few decisive positions to mean anything"
