@@ -183,9 +183,13 @@ class LLMEngine:
                 blocked.append(list(p.stop_token_ids) + ([] if p.ignore_eos else sorted(self.eos_token_ids)))
             else:
                 blocked.append([])
+        # Token histories are only needed for penalties; copying them every step would dominate the
+        # host time of large decode batches.
+        penalised = any(s.params.repetition_penalty != 1.0 or s.params.presence_penalty != 0.0
+                        or s.params.frequency_penalty != 0.0 for s in seqs)
         return SamplingBatch(params=[s.params for s in seqs],
-                             prompt_token_ids=[s.token_ids[:s.num_prompt_tokens] for s in seqs],
-                             output_token_ids=[s.output_token_ids for s in seqs],
+                             prompt_token_ids=[s.token_ids[:s.num_prompt_tokens] for s in seqs] if penalised else [],
+                             output_token_ids=[s.output_token_ids for s in seqs] if penalised else [],
                              generators=[s.generator for s in seqs], stop_ids_to_block=blocked)
 
     def _append(self, seq: Sequence, row: int, result: SampleResult, now: float) -> None:

@@ -91,9 +91,8 @@ class ModelRunner:
         return self._to_device(torch.tensor(data, dtype=dtype))
 
     def _to_device(self, t: torch.Tensor) -> torch.Tensor:
-        if self.device.type == "cpu":
-            return t
-        return t.pin_memory().to(self.device, non_blocking=True)
+        # Small host tensors: a plain copy is cheaper than pinning a fresh buffer each step.
+        return t if self.device.type == "cpu" else t.to(self.device)
 
     # ---------------------------------------------------------------- run
     @torch.inference_mode()

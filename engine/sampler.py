@@ -19,7 +19,7 @@ _GREEDY_EPS = 1e-5
 class SamplingBatch:
     """What the sampler needs for the rows of `logits` (one row per sequence sampled this step)."""
     params: list[SamplingParams]
-    prompt_token_ids: list[list[int]]
+    prompt_token_ids: list[list[int]]  # filled only when some row has a penalty
     output_token_ids: list[list[int]]
     generators: list[torch.Generator | None]  # per-request seeded generator, None = the sampler's own
     stop_ids_to_block: list[list[int]]  # ids masked out for this row (min_tokens not reached yet)

@@ -52,11 +52,17 @@ class Scheduler:
         budget = self.max_num_batched_tokens
         scheduled: dict[tuple, int] = {}
         preempted: list[Sequence] = []
+        block_size = self.block_manager.block_size
         for seq in list(self.running):
             if seq.status != SequenceStatus.RUNNING:
                 continue  # preempted earlier in this loop
             num_new = min(seq.num_uncomputed_tokens, budget)
             if num_new == 0:
+                continue
+            if num_new == 1 and seq.num_computed_tokens % block_size and not self.block_manager.enable_prefix_caching:
+                # Decode fast path: the new token's slot is in the sequence's last, partly filled block.
+                scheduled[seq.seq_id] = 1
+                budget -= 1
                 continue
             if not self._make_room(seq, num_new, scheduled, preempted):
                 continue  # seq itself was preempted

@@ -10,8 +10,14 @@ bench_app = typer.Typer(help="Benchmarks: serving (any OpenAI-compatible endpoin
 app.add_typer(bench_app, name="bench")
 
 # --- command registration: one line per module (keep this block sorted) ---
-from workbench.models_cmd import app as models_app; app.add_typer(models_app, name="models")  # noqa: E402,E702
-from workbench.serve_cmd import serve; app.command("serve", add_help_option=False, context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(serve)  # noqa: E402,E702,E501
+from workbench.models_cmd import app as models_app  # noqa: E402
+app.add_typer(models_app, name="models")
+from workbench.serve_cmd import serve  # noqa: E402
+app.command("serve", context_settings={"allow_extra_args": True, "ignore_unknown_options": True,
+                                       "help_option_names": []})(serve)
+from workbench.bench_offline_cmd import PASS_THROUGH, latency, throughput  # noqa: E402
+bench_app.command("throughput", context_settings=PASS_THROUGH)(throughput)
+bench_app.command("latency", context_settings=PASS_THROUGH)(latency)
 # --- end of command registration ---
 
 

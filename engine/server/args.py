@@ -32,7 +32,14 @@ def build_parser(prog: str = "workbench serve") -> argparse.ArgumentParser:
     s.add_argument("--served-model-name", default=None)
     s.add_argument("--max-n", type=int, default=None, help="largest n a request may ask for (default max-num-seqs)")
     s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
-    e = p.add_argument_group("engine")
+    add_engine_args(p)
+    return p
+
+
+def add_engine_args(parser: argparse.ArgumentParser) -> None:
+    """The engine's flags (everything in EngineConfig but the model), shared by the server and the
+    offline benchmarks."""
+    e = parser.add_argument_group("engine")
     e.add_argument("--tokenizer", default=None)
     e.add_argument("--dtype", default="auto", choices=["auto", "float16", "half", "bfloat16", "float32", "float"])
     e.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
@@ -56,14 +63,14 @@ def build_parser(prog: str = "workbench serve") -> argparse.ArgumentParser:
     e.add_argument("--speculative-model", default=None)
     e.add_argument("--num-speculative-tokens", type=int, default=None)
     e.add_argument("--enable-lora", action="store_true")
-    return p
 
 
 SERVER_ONLY = {"host", "port", "api_key", "max_n", "log_level"}
 
 
-def engine_config(args: argparse.Namespace) -> EngineConfig:
-    kwargs = {k: v for k, v in vars(args).items() if k not in SERVER_ONLY}
+def engine_config(args: argparse.Namespace, skip: set[str] = SERVER_ONLY) -> EngineConfig:
+    """EngineConfig from parsed flags; `skip` names the flags that are not engine settings."""
+    kwargs = {k: v for k, v in vars(args).items() if k not in skip}
     unknown = set(kwargs) - EngineConfig.field_names()
     assert not unknown, f"parser flags without an EngineConfig field: {unknown}"
     return EngineConfig(**kwargs)

@@ -1,0 +1,172 @@
+"""Benchmark prompts: random (exact token lengths), shared-prefix, ShareGPT and JSONL files.
+
+Used by the load generator (over HTTP, where lengths come from the server's /tokenize or a local
+tokenizer) and by the offline benchmarks (the engine's own tokenizer)."""
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+DATASETS = ("random", "prefix-repeat", "sharegpt", "jsonl")
+CHARS_PER_TOKEN = 4  # the approximation used when no tokenizer can be had
+
+
+@dataclass
+class SampleRequest:
+    prompt: str
+    prompt_len: int
+    output_len: int
+
+
+def sample_requests(dataset: str, *, num_prompts: int, input_len: int, output_len: int, range_ratio: float = 0.0,
+                    seed: int = 0, path: str | None = None, tokenizer=None,
+                    count_tokens: Callable[[str], int] | None = None, prefix_len: int = 0,
+                    num_prefixes: int = 1) -> list[SampleRequest]:
+    if dataset not in DATASETS:
+        raise ValueError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
+    if num_prompts < 1:
+        raise ValueError(f"num_prompts must be at least 1, got {num_prompts}")
+    if not 0.0 <= range_ratio < 1.0:
+        raise ValueError(f"range_ratio must be in [0, 1), got {range_ratio}")
+    rng = random.Random(seed)
+    if dataset in ("sharegpt", "jsonl"):
+        if not path:
+            raise ValueError(f"the {dataset} dataset needs a file (--dataset-path)")
+        reader = read_sharegpt if dataset == "sharegpt" else read_jsonl
+        rows = reader(Path(path))
+        counter = _counter(tokenizer, count_tokens)
+        out = []
+        for prompt, expected in rows:
+            if dataset == "sharegpt":  # expected: the recorded reply, whose length sets the output
+                n_out = output_len or counter(expected)
+            else:  # expected: an optional output_len field
+                n_out = expected or output_len
+            out.append(SampleRequest(prompt, counter(prompt), max(1, n_out)))
+        rng.shuffle(out)
+        if len(out) < num_prompts:  # cycle, as vLLM does for small files
+            out = (out * (num_prompts // max(1, len(out)) + 1))
+        return out[:num_prompts]
+    lengths = [_length(rng, input_len, range_ratio) for _ in range(num_prompts)]
+    outputs = [_length(rng, output_len, range_ratio) for _ in range(num_prompts)]
+    maker = PromptMaker(rng, tokenizer, count_tokens)
+    prefixes = [maker.text(prefix_len) for _ in range(num_prefixes)] if dataset == "prefix-repeat" else [""]
+    requests = []
+    for i, (n_in, n_out) in enumerate(zip(lengths, outputs)):
+        prefix = prefixes[i % len(prefixes)]
+        body = maker.text(n_in, prefix=prefix)
+        requests.append(SampleRequest(prefix + body, maker.count(prefix + body), n_out))
+    return requests
+
+
+def _length(rng: random.Random, mean: int, ratio: float) -> int:
+    if mean < 1:
+        raise ValueError(f"lengths must be at least 1, got {mean}")
+    lo, hi = max(1, int(mean * (1 - ratio))), max(1, int(mean * (1 + ratio)))
+    return rng.randint(lo, hi)
+
+
+def _counter(tokenizer, count_tokens):
+    if count_tokens is not None:
+        return count_tokens
+    if tokenizer is not None:
+        return lambda text: len(tokenizer.encode(text, add_special_tokens=False))
+    return lambda text: max(1, len(text) // CHARS_PER_TOKEN)
+
+
+class PromptMaker:
+    """Random text of an exact token length: random token ids, decoded, re-encoded and trimmed or
+    padded until the text tokenizes to the wanted length (BPE merges make this a fixed point search)."""
+    WORDS = ("time person year way day thing man world life hand part child eye woman place work week case "
+             "point number group problem fact data model token cache batch server").split()
+
+    def __init__(self, rng: random.Random, tokenizer=None, count_tokens=None):
+        self.rng = rng
+        self.tokenizer = tokenizer
+        self.count = _counter(tokenizer, count_tokens)
+        self.approximate = tokenizer is None and count_tokens is None
+        if tokenizer is not None:
+            special = set(getattr(tokenizer, "all_special_ids", []) or [])
+            self.vocab = [i for i in range(len(tokenizer)) if i not in special]
+
+    def text(self, n: int, prefix: str = "") -> str:
+        if n <= 0:
+            return ""
+        if self.tokenizer is None:
+            return self._words(n, prefix)
+        ids = [self.rng.choice(self.vocab) for _ in range(n)]
+        text = self.tokenizer.decode(ids)
+        for _ in range(8):
+            got = self.tokenizer.encode(prefix + text, add_special_tokens=False)
+            have = len(got) - (len(self.tokenizer.encode(prefix, add_special_tokens=False)) if prefix else 0)
+            if have == n:
+                return text
+            if have > n:
+                text = self.tokenizer.decode(got[len(got) - have:][:n])
+            else:
+                text += self.tokenizer.decode([self.rng.choice(self.vocab) for _ in range(n - have)])
+        return text  # rare: BPE kept merging across the boundary; the recorded length is re-counted
+
+    def _words(self, n: int, prefix: str) -> str:
+        """Without a tokenizer: words, grown until the counter (a server's /tokenize, or ~4 chars per
+        token) says n tokens."""
+        words = [self.rng.choice(self.WORDS) for _ in range(n)]
+        text = " " + " ".join(words)
+        if self.approximate:
+            return text[:n * CHARS_PER_TOKEN]
+        base = self.count(prefix) if prefix else 0
+        for _ in range(12):
+            have = self.count(prefix + text) - base
+            if have == n:
+                break
+            words = words[:n] if have > n else words + [self.rng.choice(self.WORDS)]
+            text = " " + " ".join(words[:max(1, len(words) - max(0, have - n))])
+        return text
+
+
+def read_jsonl(path: Path) -> list[tuple[str, int | None]]:
+    if not path.is_file():
+        raise ValueError(f"{path}: no such file")
+    rows = []
+    for lineno, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
+        if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
+            raise ValueError(f"{path}:{lineno}: each line needs a string field 'prompt'")
+        out = row.get("output_len")
+        if out is not None and (not isinstance(out, int) or out < 1):
+            raise ValueError(f"{path}:{lineno}: output_len must be a positive integer")
+        rows.append((row["prompt"], out))
+    if not rows:
+        raise ValueError(f"{path}: no prompts")
+    return rows
+
+
+def read_sharegpt(path: Path) -> list[tuple[str, str | None]]:
+    """First human turn as the prompt, the reply as the expected output (its length in tokens)."""
+    if not path.is_file():
+        raise ValueError(f"{path}: no such file")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    if not isinstance(data, list):
+        raise ValueError(f"{path}: a ShareGPT file is a JSON list of conversations")
+    rows = []
+    for item in data:
+        turns = item.get("conversations") if isinstance(item, dict) else None
+        if not turns or len(turns) < 2 or not all(isinstance(t, dict) and "value" in t for t in turns[:2]):
+            continue  # vLLM skips conversations without a prompt and a reply
+        prompt, reply = turns[0]["value"], turns[1]["value"]
+        if len(prompt) < 4 or len(reply) < 4:
+            continue
+        rows.append((prompt, reply))
+    if not rows:
+        raise ValueError(f"{path}: no usable conversations (need a prompt and a reply each)")
+    return rows
