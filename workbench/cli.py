@@ -18,6 +18,9 @@ app.command("serve", context_settings={"allow_extra_args": True, "ignore_unknown
 from workbench.bench_offline_cmd import PASS_THROUGH, latency, throughput  # noqa: E402
 bench_app.command("throughput", context_settings=PASS_THROUGH)(throughput)
 bench_app.command("latency", context_settings=PASS_THROUGH)(latency)
+from workbench.bench_serve_cmd import ceiling, serve as bench_serve  # noqa: E402
+bench_app.command("serve")(bench_serve)
+bench_app.command("ceiling")(ceiling)
 # --- end of command registration ---
 
 

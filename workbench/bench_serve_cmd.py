@@ -1,0 +1,206 @@
+"""`workbench bench serve` (any OpenAI-compatible endpoint) and `workbench bench ceiling` (the load
+generator's own limit, against a compute-free server)."""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import subprocess
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+
+import httpx
+import typer
+from pydantic import ValidationError
+from rich.console import Console
+from rich.table import Table
+
+from workbench.results import BenchResult
+
+console = Console(stderr=True)
+SHOWN = ["completed", "failed", "duration_s", "request_throughput", "output_throughput", "total_token_throughput",
+         "request_goodput", "peak_concurrency", "mean_ttft_ms", "median_ttft_ms", "p99_ttft_ms", "mean_tpot_ms",
+         "median_tpot_ms", "p99_tpot_ms", "mean_itl_ms", "median_itl_ms", "p99_itl_ms", "mean_e2el_ms",
+         "p99_e2el_ms"]
+
+
+def fail(message: str, code: int = 1):
+    console.print(f"[red]error:[/] {message}")
+    raise typer.Exit(code)
+
+
+def parse_rates(text: str) -> list[float]:
+    rates = []
+    for part in text.split(","):
+        part = part.strip().lower()
+        try:
+            rate = math.inf if part in ("inf", "infinity") else float(part)
+        except ValueError:
+            fail(f"--request-rate takes numbers or 'inf', comma-separated; got {part!r}", 2)
+        if not rate > 0:
+            fail(f"--request-rate must be positive, got {part!r}", 2)
+        rates.append(rate)
+    return rates
+
+
+def save(result: BenchResult, result_dir: Path) -> Path:
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S-%f")
+    label = "".join(c if c.isalnum() or c in "-_.=" else "-" for c in result.label) or "run"
+    path = result.save(result_dir / f"serve-{stamp}-{label}.json")
+    with open(path.with_suffix(".csv"), "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["index", "start_time", "scheduled_time", "success", "error", "prompt_tokens",
+                         "output_tokens", "ttft_s", "tpot_s", "e2el_s", "itl_count"])
+        for r in result.requests:
+            writer.writerow([r.index, r.start_time, r.scheduled_time, r.success, r.error or "", r.prompt_tokens,
+                             r.output_tokens, r.ttft, r.tpot, r.e2el, len(r.itl)])
+    return path
+
+
+def show(result: BenchResult) -> None:
+    table = Table(title=f"bench serve {result.label}".strip())
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for name in SHOWN:
+        value = result.metrics.get(name)
+        table.add_row(name, "-" if value is None else f"{value:,.2f}")
+    Console().print(table)
+    for kind, count in result.extra.get("errors", {}).items():
+        console.print(f"[red]{count} failed[/] with {kind}")
+    console.print(f"prompt lengths: {result.extra.get('lengths')}")
+
+
+def serve(base_url: str = typer.Option("http://127.0.0.1:8000", help="server root, without /v1"),
+          model: str = typer.Option(..., help="model name as the server serves it"),
+          api_key: str = typer.Option(None, envvar="OPENAI_API_KEY"),
+          endpoint: str = typer.Option("completions", help="completions | chat"),
+          dataset: str = typer.Option("random", help="random | prefix-repeat | sharegpt | jsonl"),
+          dataset_path: str = typer.Option(None, help="file for sharegpt / jsonl"),
+          num_prompts: int = 100, input_len: int = 256, output_len: int = 128, range_ratio: float = 0.0,
+          prefix_len: int = 0, num_prefixes: int = 1,
+          request_rate: str = typer.Option("inf", help="requests/s; 'inf', or a comma list for a sweep"),
+          burstiness: float = typer.Option(1.0, help="gamma shape of arrival gaps: 1 = Poisson"),
+          max_concurrency: int = typer.Option(None), ignore_eos: bool = False, seed: int = 0,
+          warmup: int = typer.Option(0, help="requests sent first and not measured"),
+          duration: float = typer.Option(None, help="stop sending new requests after S seconds"),
+          goodput: list[str] = typer.Option(None, help="SLO as KEY:MS (ttft, tpot, e2el); repeatable"),
+          tokenizer: str = typer.Option(None, help="tokenizer directory for exact prompt lengths"),
+          sweep: int = typer.Option(None, help="GuideLLM-style sweep: sync, max, and N rates between"),
+          result_dir: Path = typer.Option(Path("results")), label: str = "") -> None:
+    """Measure any OpenAI-compatible server with streamed requests."""
+    from workbench.loadgen.config import ServeBenchConfig, parse_goodput
+    from workbench.loadgen.runner import ServerUnavailable, run_serve_benchmark
+    from workbench.loadgen.sweep import run_rates, run_sweep
+
+    rates = parse_rates(request_rate)
+    try:
+        config = ServeBenchConfig(
+            base_url=base_url, model=model, api_key=api_key, endpoint=endpoint, dataset=dataset,
+            dataset_path=dataset_path, num_prompts=num_prompts, input_len=input_len, output_len=output_len,
+            range_ratio=range_ratio, prefix_len=prefix_len, num_prefixes=num_prefixes, request_rate=rates[0],
+            burstiness=burstiness, max_concurrency=max_concurrency, ignore_eos=ignore_eos, seed=seed, warmup=warmup,
+            duration=duration, goodput=parse_goodput(goodput or []), tokenizer=tokenizer, label=label)
+    except (ValidationError, ValueError) as exc:
+        fail(_first_error(exc), 2)
+    try:
+        if sweep is not None:
+            results = run_sweep(config, sweep)
+        elif len(rates) > 1:
+            results = run_rates(config, rates)
+        else:
+            results = [run_serve_benchmark(config)]
+    except ServerUnavailable as exc:
+        fail(str(exc))
+    except ValueError as exc:
+        fail(str(exc), 2)
+    paths = []
+    for result in results:
+        show(result)
+        paths.append(save(result, result_dir))
+    if len(results) > 1:
+        summary = result_dir / f"sweep-{datetime.now():%Y%m%d-%H%M%S}.json"
+        summary.write_text(json.dumps({"kind": "sweep", "results": [str(p) for p in paths]}, indent=2))
+        paths.append(summary)
+    for p in paths:
+        console.print(f"wrote {p}")
+
+
+def _first_error(exc: Exception) -> str:
+    if isinstance(exc, ValidationError):
+        e = exc.errors()[0]
+        return f"{'.'.join(str(x) for x in e['loc'])}: {e['msg']}"
+    return str(exc)
+
+
+def ceiling(num_prompts: int = typer.Option(3000, help="requests per run"),
+            max_concurrency: int = typer.Option(64), repeats: int = typer.Option(3),
+            output_json: Path = typer.Option(None, help="write the measurement here")) -> None:
+    """The load generator's own ceiling against a server that does no compute: requests/s with 8-token
+    replies, streamed tokens/s with 64-token replies; medians over repeats."""
+    from workbench.loadgen.config import ServeBenchConfig
+    from workbench.loadgen.runner import run_serve_benchmark
+    from workbench.results import collect_environment
+
+    port = _free_port()
+    server = subprocess.Popen([sys.executable, "-m", "workbench.loadgen.null_server", "--port", str(port)])
+    profiles = {"requests": 8, "tokens": 64}
+    runs: dict[str, list[dict]] = {name: [] for name in profiles}
+    try:
+        _wait_healthy(f"http://127.0.0.1:{port}", server)
+        for i in range(repeats):
+            for name, output_len in profiles.items():
+                config = ServeBenchConfig(base_url=f"http://127.0.0.1:{port}", model="null", num_prompts=num_prompts,
+                                          input_len=8, output_len=output_len, max_concurrency=max_concurrency,
+                                          label=f"ceiling-{name}-{i}")
+                r = run_serve_benchmark(config, progress=False)
+                runs[name].append({k: r.metrics[k] for k in ("request_throughput", "output_throughput", "failed",
+                                                            "median_itl_ms", "p99_itl_ms")})
+                console.print(f"{name} run {i}: {r.metrics['request_throughput']:,.0f} req/s, "
+                              f"{r.metrics['output_throughput']:,.0f} streamed tok/s")
+    finally:
+        server.terminate()
+        server.wait(10)
+
+    def median(name: str, key: str) -> float:
+        values = sorted(run[key] for run in runs[name])
+        return values[len(values) // 2]
+
+    result = {"commit": collect_environment().commit, "device": "cpu (the load generator's host)",
+              "command": " ".join(sys.argv), "cpu_cores": _cores(), "max_concurrency": max_concurrency,
+              "runs": runs, "median_request_throughput": median("requests", "request_throughput"),
+              "median_streamed_tokens_per_s": median("tokens", "output_throughput"),
+              "note": "the null server shares the same cores as the client"}
+    console.print(f"ceiling: {result['median_request_throughput']:,.0f} req/s (8-token replies), "
+                  f"{result['median_streamed_tokens_per_s']:,.0f} streamed tok/s (64-token replies)")
+    if output_json:
+        output_json.parent.mkdir(parents=True, exist_ok=True)
+        output_json.write_text(json.dumps(result, indent=2))
+
+
+def _cores() -> int:
+    import os
+
+    return os.cpu_count() or 0
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            fail("the null server exited at start")
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    fail("the null server did not start")

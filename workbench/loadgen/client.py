@@ -1,0 +1,101 @@
+"""One streamed request through the official openai client, timed token by token.
+
+The client makes and authenticates the request; its raw server-sent-event lines are read with
+`with_streaming_response`, so that a chunk costs one JSON parse instead of a pydantic model (the
+generator must never be the bottleneck)."""
+from __future__ import annotations
+
+import json
+import time
+
+import openai
+
+from workbench.datasets import SampleRequest
+from workbench.loadgen.config import ServeBenchConfig
+from workbench.results import RequestRecord
+
+try:  # newer openai releases speak httpx2
+    import httpx2 as httpx_impl
+except ImportError:  # pragma: no cover - older openai
+    import httpx as httpx_impl
+
+try:
+    import orjson
+
+    loads = orjson.loads
+except ImportError:  # pragma: no cover
+    loads = json.loads
+
+
+class StreamError(Exception):
+    """The server sent an error object inside the stream."""
+
+
+def make_client(config: ServeBenchConfig, connections: int) -> openai.AsyncOpenAI:
+    limits = httpx_impl.Limits(max_connections=connections, max_keepalive_connections=connections)
+    return openai.AsyncOpenAI(base_url=config.base_url.rstrip("/") + "/v1", api_key=config.api_key or "EMPTY",
+                              max_retries=0, timeout=config.timeout,
+                              http_client=openai.DefaultAsyncHttpxClient(limits=limits, timeout=config.timeout))
+
+
+def error_type(exc: BaseException) -> str:
+    if isinstance(exc, openai.APIStatusError):
+        return f"{type(exc).__name__}:{exc.status_code}"
+    return type(exc).__name__
+
+
+async def send_request(client: openai.AsyncOpenAI, config: ServeBenchConfig, request: SampleRequest,
+                       index: int, run_start: float, scheduled: float | None) -> RequestRecord:
+    extra = dict(config.extra_body)
+    if config.ignore_eos:
+        extra |= {"ignore_eos": True, "min_tokens": request.output_len}
+    common = {"model": config.model, "max_tokens": request.output_len, "stream": True,
+              "stream_options": {"include_usage": True}, "extra_body": extra or None, "temperature": 0.0}
+    chat = config.endpoint == "chat"
+    start = time.perf_counter()
+    record = RequestRecord(index=index, start_time=start - run_start, scheduled_time=scheduled, success=False,
+                           prompt_tokens=request.prompt_len)
+    last = None
+    chunks = 0
+    usage = None
+    try:
+        if chat:
+            ctx = client.chat.completions.with_streaming_response.create(
+                messages=[{"role": "user", "content": request.prompt}], **common)
+        else:
+            ctx = client.completions.with_streaming_response.create(prompt=request.prompt, **common)
+        async with ctx as response:
+            async for line in response.iter_lines():
+                if not line.startswith("data:"):
+                    continue
+                data = line[5:].strip()
+                if data == "[DONE]":
+                    break
+                obj = loads(data)
+                if "error" in obj:
+                    raise StreamError(str(obj["error"].get("message", obj["error"])))
+                if obj.get("usage"):
+                    usage = obj["usage"]
+                for choice in obj.get("choices") or ():
+                    text = (choice.get("delta") or {}).get("content") if chat else choice.get("text")
+                    if text:
+                        now = time.perf_counter()
+                        if last is None:
+                            record.ttft = now - start
+                        else:
+                            record.itl.append(now - last)
+                        last = now
+                        chunks += 1
+        record.e2el = time.perf_counter() - start
+        if usage:
+            record.output_tokens = usage.get("completion_tokens", chunks)
+            record.prompt_tokens = usage.get("prompt_tokens", request.prompt_len)
+        else:
+            record.output_tokens = chunks  # no usage chunk: one token per content chunk (approximate)
+        if chunks == 0:
+            raise StreamError("the stream carried no content")
+        record.success = True
+    except Exception as exc:  # counted by type; the run goes on
+        record.error = error_type(exc)
+        record.e2el = time.perf_counter() - start
+    return record
