@@ -49,13 +49,16 @@ def build_app(delay_ms: float = 0.0, fail_every: int = 0, model: str = "null"):
         n = int(request.get("max_tokens") or 16)
         await send({"type": "http.response.start", "status": 200,
                     "headers": [(b"content-type", b"text/event-stream")]})
+        events = []
         for i in range(n):
             choice = {"index": 0, "delta": {"content": TOKEN}} if chat else {"index": 0, "text": TOKEN}
             choice["finish_reason"] = "length" if i == n - 1 else None
-            await send({"type": "http.response.body", "body": b"data: " + orjson.dumps({"choices": [choice]}) + b"\n\n",
-                        "more_body": True})
-            if delay_ms:
+            events.append(b"data: " + orjson.dumps({"choices": [choice]}) + b"\n\n")
+            if delay_ms:  # paced: one event per write
+                await send({"type": "http.response.body", "body": events.pop(), "more_body": True})
                 await asyncio.sleep(delay_ms / 1e3)
+        if events:  # unpaced: one write, so the server spends as little of the shared CPU as it can
+            await send({"type": "http.response.body", "body": b"".join(events), "more_body": True})
         tail = b""
         if (request.get("stream_options") or {}).get("include_usage"):
             usage = {"prompt_tokens": 1, "completion_tokens": n, "total_tokens": n + 1}
