@@ -21,6 +21,8 @@ bench_app.command("latency", context_settings=PASS_THROUGH)(latency)
 from workbench.bench_serve_cmd import ceiling, serve as bench_serve  # noqa: E402
 bench_app.command("serve")(bench_serve)
 bench_app.command("ceiling")(ceiling)
+from workbench.tune_cmd import tune  # noqa: E402
+app.command("tune")(tune)
 # --- end of command registration ---
 
 

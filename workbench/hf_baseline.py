@@ -1,69 +1,146 @@
 """The peer in `bench throughput --baseline transformers`: transformers' own continuous batching
-(`generate_batch` over a paged cache), run on the same prompt token ids and output length."""
+(`generate_batch` over its paged cache), on the same prompt token ids and output length.
+
+Checked against the sources of transformers 5.17 (the GPU machine) and 5.23 (here):
+- attn_implementation "sdpa" loads in both; 5.17 switches it to "paged|sdpa" for continuous batching,
+  5.23 runs "sdpa" itself and only strips a "paged|" prefix with a FutureWarning (5.17's message
+  announced its removal). So "sdpa" goes first and "paged|sdpa" is the fallback; the implementation
+  actually used is read back from the model after the run. Both may switch to flash attention when
+  it is installed (their own best path, kept).
+- GenerationConfig(eos_token_id=None) is filled from the model's config, which would stop at EOS:
+  eos_token_id=-1 disables it in both versions.
+- `generate_batch` takes one max_new_tokens for all requests, so the workload must have one output
+  length (the caller checks).
+- The manager is sized by ContinuousBatchingConfig: we pass our engine's limits (KV tokens as
+  blocks of 256, max_num_batched_tokens, max_num_seqs, prefix sharing on iff ours is on), so both
+  run under the same budget; left alone, transformers sizes its cache from free memory, which on
+  CPU means most of the host's RAM. A short warm-up call keeps its manager (persistent_manager=True)
+  so that the timed call does not pay for start-up or CUDA graph capture.
+"""
 from __future__ import annotations
 
+import gc
+import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 
-# transformers 5.17 needs the "paged|" prefix; later releases select paged attention themselves.
-ATTN_IMPLEMENTATIONS = ("paged|sdpa", "sdpa")
+ATTN_IMPLEMENTATIONS = ("sdpa", "paged|sdpa")
+TF_PAGE_SIZE = 256  # transformers' default tokens per cache block (page_size in 5.23, block_size in 5.17)
+
+
+@dataclass
+class BaselineLimits:
+    """Our engine's limits, handed to transformers' manager."""
+    kv_tokens: int
+    max_num_batched_tokens: int
+    max_num_seqs: int
+    prefix_sharing: bool
 
 
 @dataclass
 class BaselineResult:
     elapsed_s: float
-    output_tokens: int
+    output_tokens: int  # tokens actually produced (counted, not assumed)
+    expected_tokens: int
     requests: int
     failed: int
-    attn_implementation: str
+    attn_implementation: str  # what the model ran with after generate_batch
+    transformers_version: str
+    weights: str  # "checkpoint" or "random init (no weights in the directory)"
     notes: list[str] = field(default_factory=list)
 
     @property
     def output_throughput(self) -> float:
-        return self.output_tokens / self.elapsed_s if self.elapsed_s else 0.0
+        return self.output_tokens / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+    def as_dict(self) -> dict:
+        return asdict(self) | {"output_throughput": self.output_throughput,
+                               "name": "transformers generate_batch (continuous batching)"}
 
 
-def load_model(model_dir: str, dtype: torch.dtype, device: str):
-    from transformers import AutoModelForCausalLM
+def load_model(model_dir: Path, dtype: torch.dtype, device: str, notes: list[str]):
+    """The model under the first attention spelling this transformers accepts; random weights of the
+    checkpoint's shapes when the directory has none (as our --load-format dummy)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
 
+    has_weights = any(model_dir.glob("*.safetensors"))
     errors = []
     for impl in ATTN_IMPLEMENTATIONS:
         try:
-            model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation=impl)
-            return model.to(device).eval(), impl
+            if has_weights:
+                model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype, attn_implementation=impl)
+            else:
+                config = AutoConfig.from_pretrained(str(model_dir))
+                model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=impl)
         except (ValueError, ImportError, KeyError) as exc:
-            errors.append(f"{impl}: {exc}")
+            errors.append(f"{impl!r}: {exc}")
+            continue
+        if errors:
+            notes.append(f"attn_implementation fell back to {impl!r} ({'; '.join(errors)})")
+        return model.to(device).eval(), ("checkpoint" if has_weights else "random init (no weights in the directory)")
     raise RuntimeError("transformers could not load the model for continuous batching: " + "; ".join(errors))
 
 
-def run_baseline(model_dir: str, prompts: list[list[int]], output_len: int, dtype: torch.dtype,
-                 device: str) -> BaselineResult:
-    """Greedy, no EOS stop (the same work as our ignore_eos run); one short warm-up first."""
+def _cb_config(limits: BaselineLimits):
+    from transformers.generation import ContinuousBatchingConfig
+
+    return ContinuousBatchingConfig(num_blocks=max(1, math.ceil(limits.kv_tokens / TF_PAGE_SIZE)),
+                                    max_batch_tokens=limits.max_num_batched_tokens,
+                                    max_requests_per_batch=limits.max_num_seqs,
+                                    allow_block_sharing=limits.prefix_sharing)
+
+
+def _greedy(max_new_tokens: int):
     from transformers import GenerationConfig
 
-    model, impl = load_model(model_dir, dtype, device)
-    config = GenerationConfig(max_new_tokens=output_len, do_sample=False, eos_token_id=None, pad_token_id=0,
-                              use_cuda_graph=False)
-    model.generate_batch(inputs=prompts[:4], generation_config=GenerationConfig(
-        max_new_tokens=4, do_sample=False, eos_token_id=None, pad_token_id=0))
+    return GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=-1, pad_token_id=0)
+
+
+def _sync(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
-    start = time.perf_counter()
-    results = model.generate_batch(inputs=prompts, generation_config=config)
-    if device == "cuda":
-        torch.cuda.synchronize()
-    elapsed = time.perf_counter() - start
+
+
+def run_baseline(model_dir: Path, prompts: list[list[int]], warmup_prompts: list[list[int]], output_len: int,
+                 dtype: torch.dtype, device: str, limits: BaselineLimits) -> BaselineResult:
+    """Greedy, EOS ignored: the same work as our ignore_eos run. Only the second generate_batch is timed.
+
+    The warm-up call keeps its manager for the timed call. That manager sizes what our limits leave
+    open (the block-table width of the flash decode path) from the warm-up's requests, so the
+    warm-up prompts must include one as long as the longest timed prompt, and run the full output
+    length; they must not be workload prompts, or prefix sharing would find them cached."""
+    import transformers
+
+    notes: list[str] = []
+    model, weights = load_model(Path(model_dir), dtype, device, notes)
+    cb = _cb_config(limits)
+    try:
+        model.generate_batch(inputs=warmup_prompts, generation_config=_greedy(output_len),
+                             continuous_batching_config=cb, persistent_manager=True)
+        _sync(device)
+        start = time.perf_counter()
+        results = model.generate_batch(inputs=prompts, generation_config=_greedy(output_len),
+                                       continuous_batching_config=cb)
+        _sync(device)
+        elapsed = time.perf_counter() - start
+        impl = str(model.config._attn_implementation)
+    finally:
+        if hasattr(model, "destroy_cached_continuous_batching_manager"):
+            model.destroy_cached_continuous_batching_manager()
+        del model
+        gc.collect()
+        if device == "cuda":
+            torch.cuda.empty_cache()
     produced = [len(r.generated_tokens) for r in results.values() if r.error is None]
-    notes = []
     failed = len(prompts) - len(produced)
     if failed:
-        notes.append(f"{failed} of {len(prompts)} requests failed in transformers")
+        notes.append(f"{failed} of {len(prompts)} requests failed or went missing in transformers")
     short = sum(1 for n in produced if n < output_len)
     if short:
         notes.append(f"{short} requests produced fewer than {output_len} tokens; throughput counts what was produced")
-    del model
-    if device == "cuda":
-        torch.cuda.empty_cache()
-    return BaselineResult(elapsed, sum(produced), len(prompts), failed, impl, notes)
+    return BaselineResult(elapsed_s=elapsed, output_tokens=sum(produced), expected_tokens=len(prompts) * output_len,
+                          requests=len(prompts), failed=failed, attn_implementation=impl,
+                          transformers_version=transformers.__version__, weights=weights, notes=notes)

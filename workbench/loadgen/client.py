@@ -78,22 +78,24 @@ async def send_request(client: openai.AsyncOpenAI, config: ServeBenchConfig, req
                     usage = obj["usage"]
                 for choice in obj.get("choices") or ():
                     text = (choice.get("delta") or {}).get("content") if chat else choice.get("text")
-                    if text:
+                    if text or (choice.get("finish_reason") and record.ttft is None):
+                        # A reply whose tokens are all invisible (e.g. skipped special tokens) still has a
+                        # first token: its final chunk.
                         now = time.perf_counter()
                         if last is None:
                             record.ttft = now - start
                         else:
                             record.itl.append(now - last)
                         last = now
-                        chunks += 1
+                        chunks += bool(text)
         record.e2el = time.perf_counter() - start
         if usage:
             record.output_tokens = usage.get("completion_tokens", chunks)
             record.prompt_tokens = usage.get("prompt_tokens", request.prompt_len)
         else:
             record.output_tokens = chunks  # no usage chunk: one token per content chunk (approximate)
-        if chunks == 0:
-            raise StreamError("the stream carried no content")
+        if record.ttft is None:
+            raise StreamError("the stream ended without a completion")
         record.success = True
     except Exception as exc:  # counted by type; the run goes on
         record.error = error_type(exc)

@@ -1,0 +1,1 @@
+"""`workbench tune`: Optuna studies over engine settings, one server per trial."""

@@ -1,0 +1,79 @@
+"""`workbench tune [STUDY]`: run an Optuna study over engine settings (the default one without arguments)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+console = Console(stderr=True)
+
+
+def tune(study: str = typer.Argument(None, help="study file or name (studies/NAME.toml); default: the "
+                                                 "embedded tiny-on-CPU study"),
+         storage: str = typer.Option(None, help="Optuna storage URL: sqlite:///x.db (default results/tune.db), "
+                                                "postgresql://..., or journal:FILE"),
+         study_name: str = typer.Option(None, help="name in the storage (default: the study file's name); "
+                                                   "workers with the same name share the study"),
+         n_trials: int = typer.Option(None, help="total finished trials wanted (all workers together)"),
+         timeout: float = typer.Option(None, help="stop starting trials after this many seconds"),
+         launch: str = typer.Option(None, help="server command template, e.g. \"vllm serve {model} --port {port} "
+                                               "{flags}\" ({host} too); default: this engine's server"),
+         model: str = typer.Option(None, help="override the study's model"),
+         results_dir: Path = typer.Option(Path("results"), help="where trial results and the best config go")) -> None:
+    """Find the engine settings that serve a workload best within its constraints."""
+    from workbench.tune.runner import TuneOptions, run_study, summarize
+    from workbench.tune.study_file import StudyError, find_study, load_study
+
+    try:
+        path = find_study(study)
+        spec, text = load_study(path)
+    except StudyError as exc:
+        console.print(f"[red]error:[/] {exc}")
+        raise typer.Exit(2) from None
+    if model:
+        spec.study.model = model
+    if launch and "{port}" not in launch:
+        console.print("[red]error:[/] --launch must contain {port} (and usually {model} and {flags})")
+        raise typer.Exit(2)
+    name = study_name or spec.study.name
+    if storage is None:
+        results_dir.mkdir(parents=True, exist_ok=True)
+        storage = f"sqlite:///{results_dir / 'tune.db'}"
+    opts = TuneOptions(storage=storage, study_name=name, n_trials=n_trials, timeout=timeout, launch=launch,
+                       results_dir=results_dir)
+    console.print(f"study [bold]{name}[/] from {path}: model {spec.study.model}, "
+                  f"{opts.n_trials or spec.study.n_trials or 'unlimited'} trials, storage {storage}")
+    try:
+        ostudy = run_study(spec, text, opts)
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted[/]: finished trials are stored; run the same command again to resume")
+        raise typer.Exit(130) from None
+    except Exception as exc:  # storage unreachable, bad URL, ...
+        console.print(f"[red]error:[/] {type(exc).__name__}: {exc}")
+        raise typer.Exit(1) from None
+    summary = summarize(ostudy, spec, opts)
+    show(summary)
+    console.print(f"best configuration written to {summary['path']}")
+    console.print(f"open the report: workbench report --storage {storage} --results {results_dir}")
+    if not summary["best"]:
+        console.print("[yellow]no trial satisfied every constraint[/]; relax the constraints or widen the search")
+
+
+def show(summary: dict) -> None:
+    counts = ", ".join(f"{n.lower()} {c}" for n, c in summary["trials"].items() if c)
+    console.print(f"trials: {counts}")
+    if not summary["best"]:
+        return
+    title = "best configuration" if len(summary["best"]) == 1 else "Pareto set (feasible trials)"
+    table = Table(title=title)
+    table.add_column("trial", justify="right")
+    for o in summary["objectives"]:
+        table.add_column(o["metric"], justify="right")
+    table.add_column("command")
+    for b in summary["best"]:
+        table.add_row(str(b["trial"]), *(f"{v:,.2f}" for v in b["values"]), b["serve_command"])
+    Console().print(table)
+
+
