@@ -1,9 +1,7 @@
-"""`workbench bench throughput` and `workbench bench latency`: argparse flags (shared with the server's
-engine flags) passed through typer."""
+"""`workbench bench throughput` and `workbench bench latency`. Their flags are argparse (the engine's
+flags are shared with `workbench serve`), so typer passes the arguments through untouched;
+`--help` prints argparse's help."""
 from __future__ import annotations
-
-from datetime import datetime
-from pathlib import Path
 
 import typer
 from rich.console import Console
@@ -14,26 +12,49 @@ console = Console(stderr=True)
 
 
 def _run(kind: str, argv: list[str]) -> None:
-    from engine.config import ConfigError
-    from workbench.bench_offline import build_parser, run_latency, run_throughput
+    from workbench import bench_latency, bench_throughput
 
-    args = build_parser(f"workbench bench {kind}", latency=kind == "latency").parse_args(argv)
+    module = bench_latency if kind == "latency" else bench_throughput
+    args = module.build_parser().parse_args(argv)  # bad flags: one line, exit 2
+    path = bench_throughput.output_path(args, kind)
+    args.output_json = str(path)  # fixed now, so that a --profile trace lands beside it
     try:
-        result = (run_latency if kind == "latency" else run_throughput)(args)
-    except (ConfigError, FileNotFoundError, ValueError) as exc:
-        console.print(f"[red]error:[/] {exc}")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        result = module.run_latency(args) if kind == "latency" else module.run_throughput(args)
+        result.save(path)
+    except (ValueError, OSError, RuntimeError, ImportError) as exc:  # ConfigError is a ValueError
+        console.print(f"[red]error:[/] {exc}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
-    path = Path(args.output_json or f"results/{kind}-{datetime.now():%Y%m%d-%H%M%S}.json")
-    result.save(path)
-    table = Table(title=f"bench {kind}: {args.model}")
+    Console().print(_latency_table(result) if kind == "latency" else _metrics_table(result, args.model))
+    for note in result.extra.get("notes", []):
+        console.print(f"[yellow]note:[/] {note}")
+    baseline = result.extra.get("baseline", {})
+    for note in baseline.get("notes", []):
+        console.print(f"[yellow]baseline:[/] {note}")
+    console.print(f"result written to {path}")
+    if "error" in baseline:
+        console.print(f"[red]error:[/] the transformers baseline failed: {baseline['error']}", soft_wrap=True)
+        raise typer.Exit(1)
+
+
+def _metrics_table(result, model: str) -> Table:
+    table = Table(title=f"bench throughput: {model}")
     table.add_column("metric")
     table.add_column("value", justify="right")
     for name, value in result.metrics.items():
-        table.add_row(name, f"{value:,.3f}" if isinstance(value, float) else str(value))
-    Console().print(table)
-    for note in result.extra.get("baseline", {}).get("notes", []):
-        console.print(f"[yellow]baseline:[/] {note}")
-    console.print(f"result written to {path}")
+        table.add_row(name, "-" if value is None else f"{value:,.0f}" if float(value).is_integer() else f"{value:,.3f}")
+    return table
+
+
+def _latency_table(result) -> Table:
+    table = Table(title=f"bench latency: {result.config.get('model')}")
+    for column in ("batch", "TTFT ms", "TPOT ms", "E2E ms", "tok/s", "TPOT floor ms", "TPOT / floor", "preempted"):
+        table.add_column(column, justify="right")
+    for r in result.extra["rows"]:
+        table.add_row(str(r["batch_size"]), f"{r['ttft_ms']:.2f}", f"{r['tpot_ms']:.3f}", f"{r['e2e_ms']:.1f}",
+                      f"{r['output_throughput']:,.1f}", f"{r['tpot_floor_ms']:.3f}", f"{r['tpot_over_floor']:.2f}",
+                      str(r["preemptions"]))
+    return table
 
 
 def throughput(ctx: typer.Context) -> None:

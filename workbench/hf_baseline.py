@@ -4,18 +4,20 @@
 Checked against the sources of transformers 5.17 (the GPU machine) and 5.23 (here):
 - attn_implementation "sdpa" loads in both; 5.17 switches it to "paged|sdpa" for continuous batching,
   5.23 runs "sdpa" itself and only strips a "paged|" prefix with a FutureWarning (5.17's message
-  announced its removal). So "sdpa" goes first and "paged|sdpa" is the fallback; the implementation
-  actually used is read back from the model after the run. Both may switch to flash attention when
-  it is installed (their own best path, kept).
+  announced its removal). So "sdpa" goes first and "paged|sdpa" is the fallback (noted in the
+  result); the implementation the forward passes actually ran with is recorded by a hook. Both may
+  switch to flash attention when it is installed (their own best path, kept).
 - GenerationConfig(eos_token_id=None) is filled from the model's config, which would stop at EOS:
   eos_token_id=-1 disables it in both versions.
 - `generate_batch` takes one max_new_tokens for all requests, so the workload must have one output
   length (the caller checks).
 - The manager is sized by ContinuousBatchingConfig: we pass our engine's limits (KV tokens as
-  blocks of 256, max_num_batched_tokens, max_num_seqs, prefix sharing on iff ours is on), so both
-  run under the same budget; left alone, transformers sizes its cache from free memory, which on
-  CPU means most of the host's RAM. A short warm-up call keeps its manager (persistent_manager=True)
-  so that the timed call does not pay for start-up or CUDA graph capture.
+  blocks of 256, capped at what the workload can occupy; max_num_batched_tokens; max_num_seqs;
+  prefix sharing on iff ours is on), so both run under the same budget. Left alone, transformers
+  sizes its cache from free memory, which on CPU means most of the host's RAM (a minute of page
+  faults here). Its sdpa path keeps a mask of batch tokens x cache tokens, so our limits may not
+  fit its memory model (MemoryError): then it sizes its own cache, and the result says so. A warm-up call keeps its manager
+  (persistent_manager=True) so that the timed call does not pay for start-up or CUDA graph capture.
 """
 from __future__ import annotations
 
@@ -34,7 +36,7 @@ TF_PAGE_SIZE = 256  # transformers' default tokens per cache block (page_size in
 @dataclass
 class BaselineLimits:
     """Our engine's limits, handed to transformers' manager."""
-    kv_tokens: int
+    kv_tokens: int  # our KV capacity, capped at what the whole workload could occupy at once
     max_num_batched_tokens: int
     max_num_seqs: int
     prefix_sharing: bool
@@ -47,7 +49,7 @@ class BaselineResult:
     expected_tokens: int
     requests: int
     failed: int
-    attn_implementation: str  # what the model ran with after generate_batch
+    attn_implementation: str  # what its forward passes ran with (read by a hook during the run)
     transformers_version: str
     weights: str  # "checkpoint" or "random init (no weights in the directory)"
     notes: list[str] = field(default_factory=list)
@@ -84,9 +86,11 @@ def load_model(model_dir: Path, dtype: torch.dtype, device: str, notes: list[str
     raise RuntimeError("transformers could not load the model for continuous batching: " + "; ".join(errors))
 
 
-def _cb_config(limits: BaselineLimits):
+def _cb_config(limits: BaselineLimits | None):
     from transformers.generation import ContinuousBatchingConfig
 
+    if limits is None:  # transformers' own sizing, from free memory
+        return ContinuousBatchingConfig()
     return ContinuousBatchingConfig(num_blocks=max(1, math.ceil(limits.kv_tokens / TF_PAGE_SIZE)),
                                     max_batch_tokens=limits.max_num_batched_tokens,
                                     max_requests_per_batch=limits.max_num_seqs,
@@ -116,18 +120,28 @@ def run_baseline(model_dir: Path, prompts: list[list[int]], warmup_prompts: list
 
     notes: list[str] = []
     model, weights = load_model(Path(model_dir), dtype, device, notes)
-    cb = _cb_config(limits)
+    # The manager switches the attention implementation for its run and restores it when it stops:
+    # record what the forward passes actually saw.
+    seen: set[str] = set()
+    hook = model.register_forward_pre_hook(lambda module, args: seen.add(str(module.config._attn_implementation)))
     try:
-        model.generate_batch(inputs=warmup_prompts, generation_config=_greedy(output_len),
-                             continuous_batching_config=cb, persistent_manager=True)
+        cb = _cb_config(limits)
+        try:
+            model.generate_batch(inputs=warmup_prompts, generation_config=_greedy(output_len),
+                                 continuous_batching_config=cb, persistent_manager=True)
+        except MemoryError as exc:  # its footprint model (the sdpa mask grows with batch x cache) said no
+            notes.append(f"our limits did not fit transformers' memory model ({exc}); it sized its own cache")
+            cb = _cb_config(None)
+            model.generate_batch(inputs=warmup_prompts, generation_config=_greedy(output_len),
+                                 continuous_batching_config=cb, persistent_manager=True)
         _sync(device)
         start = time.perf_counter()
         results = model.generate_batch(inputs=prompts, generation_config=_greedy(output_len),
                                        continuous_batching_config=cb)
         _sync(device)
         elapsed = time.perf_counter() - start
-        impl = str(model.config._attn_implementation)
     finally:
+        hook.remove()
         if hasattr(model, "destroy_cached_continuous_batching_manager"):
             model.destroy_cached_continuous_batching_manager()
         del model
@@ -142,5 +156,5 @@ def run_baseline(model_dir: Path, prompts: list[list[int]], warmup_prompts: list
     if short:
         notes.append(f"{short} requests produced fewer than {output_len} tokens; throughput counts what was produced")
     return BaselineResult(elapsed_s=elapsed, output_tokens=sum(produced), expected_tokens=len(prompts) * output_len,
-                          requests=len(prompts), failed=failed, attn_implementation=impl,
+                          requests=len(prompts), failed=failed, attn_implementation=", ".join(sorted(seen)),
                           transformers_version=transformers.__version__, weights=weights, notes=notes)

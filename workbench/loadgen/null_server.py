@@ -40,6 +40,10 @@ def build_app(delay_ms: float = 0.0, fail_every: int = 0, model: str = "null"):
                 else {"version": "null-server"}
             await send_json(send, 200, body)
             return
+        if scope["method"] != "POST" or not path.endswith("completions"):
+            await send_json(send, 404, {"error": {"message": f"no route {path}", "type": "not_found",
+                                                  "param": None, "code": None}})
+            return
         request = json.loads(await read_body(receive) or b"{}")
         if fail_every and next(counter) % fail_every == 0:
             await send_json(send, 500, {"error": {"message": "planted failure", "type": "server_error",

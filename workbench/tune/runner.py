@@ -107,10 +107,11 @@ def run_study(study: StudyFile, study_text: str, opts: TuneOptions) -> optuna.St
         label = f"{opts.study_name}-trial{trial.number}"
         try:
             outcome = run_trial(study, all_flags, opts.results_dir, opts.launch, label)
-        except TrialFailed as exc:
-            trial.set_user_attr("fail_reason", str(exc))
-            _report(trial.number, n_trials, "FAILED", str(exc)[:200])
-            raise
+        except Exception as exc:  # any failure is this trial's, recorded; the study goes on
+            reason = str(exc) if isinstance(exc, TrialFailed) else f"{type(exc).__name__}: {exc}"
+            trial.set_user_attr("fail_reason", reason)
+            _report(trial.number, n_trials, "FAILED", reason[:200])
+            raise TrialFailed(reason) from exc
         trial.set_user_attr("serve_command", outcome.command)
         trial.set_user_attr("result_file", outcome.result_file)
         trial.set_user_attr("metrics", _json_safe(outcome.metrics))

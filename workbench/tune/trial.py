@@ -127,11 +127,12 @@ def _run_workload(study: StudyFile, base_url: str, label: str):
 def scrape_metrics(base_url: str) -> dict:
     """The engine-side numbers the client cannot see (any vLLM-compatible /metrics)."""
     try:
-        text = httpx.get(base_url + "/metrics", timeout=5).text
-    except httpx.HTTPError:
+        response = httpx.get(base_url + "/metrics", timeout=5)
+        families = list(text_string_to_metric_families(response.text)) if response.status_code == 200 else []
+    except (httpx.HTTPError, ValueError):  # no /metrics, or not Prometheus text: nothing to add
         return {}
     values: dict[str, float] = {}
-    for family in text_string_to_metric_families(text):
+    for family in families:
         for s in family.samples:
             if s.name in ("vllm:num_preemptions_total", "vllm:prefix_cache_queries_total",
                           "vllm:prefix_cache_hits_total", "vllm:prompt_tokens_total", "vllm:generation_tokens_total"):

@@ -1,0 +1,271 @@
+"""`workbench bench throughput`: offline, in-process throughput of the engine, as `vllm bench
+throughput` measures it: every request is added at once, generation ignores EOS and runs exactly
+max_tokens = output_len, and the clock runs from the first request in to the last token out.
+
+Before the clock: the device's copy bandwidth and matmul rate are measured (workbench/roofline.py)
+while the device is still empty, and a warm-up runs 8 random prompts, not taken from the workload
+(so that prefix caching cannot find them), of the workload's lengths (the longest included) for
+the full output length. `--baseline transformers` runs the same prompt token ids through
+transformers' continuous batching after our run, in the same process (workbench/hf_baseline.py).
+Also used by `bench latency` (workbench/bench_latency.py): the shared flags and engine set-up.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import random
+import time
+from datetime import datetime
+from pathlib import Path
+
+import torch
+from rich.console import Console
+
+from engine.config import DTYPES, EngineConfig
+from engine.server.args import add_engine_args, engine_config
+from workbench.results import BenchResult, collect_environment
+from workbench.roofline import ModelShape, measure_device, throughput_floor
+
+DATASET_CHOICES = ("random", "prefix-repeat", "jsonl")
+WARMUP_PROMPTS = 8
+PROFILE_STEPS = 8
+console = Console(stderr=True)
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """Bad flags end in one line (prog: error: ...) and exit status 2, not a usage dump."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def add_common_args(p: argparse.ArgumentParser, output_len: int) -> None:
+    p.add_argument("--model", required=True, help="model directory (Hugging Face format) or a preset name, e.g. tiny")
+    p.add_argument("--input-len", type=int, default=512, help="prompt tokens per request")
+    p.add_argument("--output-len", type=int, default=output_len, help="generated tokens per request (EOS ignored)")
+    p.add_argument("--output-json", default=None, help="result file (default results/<kind>-<time>.json)")
+    p.add_argument("--label", default="", help="short name for plots and tables")
+    add_engine_args(p)
+
+
+def build_parser(prog: str = "workbench bench throughput") -> argparse.ArgumentParser:
+    p = OneLineParser(prog=prog, description="Offline throughput of the engine, in-process (like `vllm bench "
+                                             "throughput`); engine flags as `workbench serve`.")
+    add_common_args(p, output_len=256)
+    p.add_argument("--num-prompts", type=int, default=1000)
+    p.add_argument("--dataset", default="random", choices=DATASET_CHOICES)
+    p.add_argument("--dataset-path", default=None, help="the JSONL file for --dataset jsonl ({'prompt': ...} a line, "
+                                                        "optional 'output_len')")
+    p.add_argument("--range-ratio", type=float, default=0.0,
+                   help="random lengths in [len x (1 - r), len x (1 + r)] (random and prefix-repeat)")
+    p.add_argument("--prefix-len", type=int, default=0, help="shared prefix tokens (prefix-repeat)")
+    p.add_argument("--num-prefixes", type=int, default=1, help="distinct shared prefixes (prefix-repeat)")
+    p.add_argument("--baseline", choices=["transformers"], default=None,
+                   help="also run the same workload through transformers' continuous batching (generate_batch)")
+    p.add_argument("--profile", action="store_true",
+                   help=f"after the timed run, write a torch.profiler trace of {PROFILE_STEPS} engine steps "
+                        "next to the result (<name>.trace.json)")
+    return p
+
+
+# ---------------------------------------------------------------- shared with bench latency
+def engine_settings(args: argparse.Namespace) -> EngineConfig:
+    """The engine flags as an EngineConfig: a bad flag fails here (ConfigError), before any loading."""
+    return engine_config(args, skip=set(vars(args)) - EngineConfig.field_names())
+
+
+def llm_kwargs(args: argparse.Namespace) -> dict:
+    return {k: v for k, v in vars(args).items() if k in EngineConfig.field_names() and k != "model"}
+
+
+def matmul_dtype(settings: EngineConfig) -> torch.dtype:
+    """The dtype the engine will compute in, for the roofline's matmul rate (resolved as the engine does
+    for 'auto': float32 on CPU, half precision on GPU)."""
+    if settings.dtype != "auto":
+        return DTYPES[settings.dtype]
+    return torch.bfloat16 if settings.device == "cuda" else torch.float32
+
+
+def config_record(config: EngineConfig, args: argparse.Namespace) -> dict:
+    """The resolved engine config (JSON-safe) and the benchmark's own settings, in one flat dict."""
+    record = {name: getattr(config, name) for name in sorted(EngineConfig.field_names())}
+    record["torch_dtype"] = str(config.torch_dtype).removeprefix("torch.")
+    bench = {k: v for k, v in vars(args).items() if k not in EngineConfig.field_names()}
+    return record | bench
+
+
+def synchronize(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def output_path(args: argparse.Namespace, kind: str) -> Path:
+    return Path(args.output_json or f"results/{kind}-{datetime.now():%Y%m%d-%H%M%S}.json")
+
+
+def random_prompts(lengths: list[int], vocab: int, seed: int) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(10, vocab) for _ in range(n)] for n in lengths]
+
+
+# ---------------------------------------------------------------- throughput
+def check_args(args: argparse.Namespace) -> None:
+    """What can be refused before the model loads (the dataset module checks the rest)."""
+    for name in ("num_prompts", "input_len", "output_len", "num_prefixes"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.prefix_len < 0:
+        raise ValueError(f"--prefix-len must be >= 0, got {args.prefix_len}")
+    if not 0.0 <= args.range_ratio < 1.0:
+        raise ValueError(f"--range-ratio must be in [0, 1), got {args.range_ratio}")
+    if args.dataset == "jsonl":
+        if not args.dataset_path:
+            raise ValueError("--dataset jsonl needs --dataset-path FILE")
+        if not Path(args.dataset_path).is_file():
+            raise ValueError(f"--dataset-path {args.dataset_path}: no such file")
+    if args.baseline and args.range_ratio > 0:
+        raise ValueError("--baseline transformers needs one output length for all requests (generate_batch takes "
+                         "one max_new_tokens): use --range-ratio 0")
+
+
+def build_workload(args: argparse.Namespace, tokenizer, max_model_len: int) -> tuple[list[list[int]], list[int]]:
+    from workbench.datasets import sample_requests
+
+    requests = sample_requests(args.dataset, num_prompts=args.num_prompts, input_len=args.input_len,
+                               output_len=args.output_len, range_ratio=args.range_ratio, seed=args.seed,
+                               path=args.dataset_path, tokenizer=tokenizer, prefix_len=args.prefix_len,
+                               num_prefixes=args.num_prefixes)
+    prompts = [tokenizer.encode(r.prompt, add_special_tokens=False) for r in requests]
+    output_lens = [r.output_len for r in requests]
+    for i, (p, o) in enumerate(zip(prompts, output_lens)):
+        if not p:
+            raise ValueError(f"request {i} has an empty prompt")
+        if len(p) + o > max_model_len:
+            raise ValueError(f"request {i} needs {len(p)} prompt + {o} output tokens, more than max_model_len "
+                             f"({max_model_len}); shorten --input-len/--output-len or raise --max-model-len")
+    return prompts, output_lens
+
+
+def run_throughput(args: argparse.Namespace, progress: bool = True) -> BenchResult:
+    from engine import LLM, SamplingParams
+
+    check_args(args)
+    settings = engine_settings(args)
+    console.log(f"measuring {settings.device} bandwidth and matmul rate (roofline)")
+    rates = measure_device(settings.device, matmul_dtype(settings))
+    console.log(f"loading {args.model}")
+    llm = LLM(args.model, **llm_kwargs(args))
+    engine = llm.llm_engine
+    config, device = engine.config, engine.config.device
+    prompts, output_lens = build_workload(args, llm.get_tokenizer(), config.max_model_len)
+    if args.baseline and len(set(output_lens)) > 1:
+        raise ValueError("--baseline transformers needs one output length for all requests (generate_batch takes "
+                         "one max_new_tokens); this dataset gives several (a per-line output_len?)")
+    vocab = min(config.hf_config.vocab_size, len(llm.get_tokenizer()))
+    lengths = [max(map(len, prompts))] + [len(p) for p in prompts[:WARMUP_PROMPTS - 1]]
+    warmup = random_prompts(lengths, vocab, seed=args.seed + 1)
+    warmup_tokens = max(output_lens)
+    console.log(f"warm-up: {len(warmup)} random prompts x {warmup_tokens} tokens (not timed)")
+    llm.generate([{"prompt_token_ids": p} for p in warmup],
+                 SamplingParams(temperature=0.0, max_tokens=warmup_tokens, ignore_eos=True), use_tqdm=False)
+
+    params = [SamplingParams(temperature=0.0, max_tokens=o, ignore_eos=True) for o in output_lens]
+    before = engine.get_stats()
+    synchronize(device)
+    start = time.perf_counter()
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=progress)
+    synchronize(device)
+    elapsed = time.perf_counter() - start
+    after = engine.get_stats()
+
+    in_tokens, out_tokens = sum(map(len, prompts)), sum(len(o.outputs[0].token_ids) for o in outs)
+    steps = after.num_steps_total - before.num_steps_total
+    queries = after.prefix_cache_queries_total - before.prefix_cache_queries_total
+    hits = after.prefix_cache_hits_total - before.prefix_cache_hits_total
+    metrics = {
+        "num_prompts": len(prompts), "elapsed_s": elapsed, "requests_per_s": len(prompts) / elapsed,
+        "request_throughput": len(prompts) / elapsed, "output_throughput": out_tokens / elapsed,
+        "total_token_throughput": (in_tokens + out_tokens) / elapsed, "total_input_tokens": in_tokens,
+        "total_output_tokens": out_tokens, "num_steps": steps,
+        "tokens_per_step": (after.scheduled_tokens_total - before.scheduled_tokens_total) / max(1, steps),
+        "num_preemptions": after.num_preemptions_total - before.num_preemptions_total,
+        "prefix_cache_hit_rate": hits / queries if queries else 0.0}
+    notes = []
+    if out_tokens != sum(output_lens):
+        notes.append(f"the engine produced {out_tokens} output tokens, the workload asked for {sum(output_lens)}")
+    floor = throughput_floor(ModelShape.from_engine(engine), rates, [len(p) for p in prompts], output_lens,
+                             config.max_num_seqs, config.max_num_batched_tokens,
+                             kv_capacity_tokens=None if config.enable_prefix_caching
+                             else after.num_gpu_blocks * config.block_size,
+                             cached_prompt_tokens=hits)
+    metrics["roofline_floor_s"] = floor["floor_s"]
+    metrics["time_over_floor"] = elapsed / floor["floor_s"] if floor["floor_s"] > 0 else None
+    extra = {"roofline": floor, "notes": notes, "num_gpu_blocks": after.num_gpu_blocks,
+             "warmup": f"{len(warmup)} random prompts (not from the workload) x {warmup_tokens} tokens before timing"}
+    if args.profile:
+        extra["profile"] = profile_steps(engine, prompts, output_lens, output_path(args, "throughput"))
+
+    if args.baseline == "transformers":
+        from workbench.hf_baseline import BaselineLimits
+
+        demand = sum(len(p) + o for p, o in zip(prompts, output_lens))  # all requests at once, at their end
+        limits = BaselineLimits(kv_tokens=min(after.num_gpu_blocks * config.block_size, demand),
+                                max_num_batched_tokens=config.max_num_batched_tokens,
+                                max_num_seqs=config.max_num_seqs, prefix_sharing=config.enable_prefix_caching)
+        model_dir = engine.model_dir
+        del llm, engine, outs  # free the device before transformers loads
+        extra["baseline"] = _run_baseline(model_dir, prompts, warmup, output_lens[0], config, limits)
+        base_tps = extra["baseline"].get("output_throughput")
+        metrics["baseline_output_throughput"] = base_tps
+        metrics["speedup_vs_baseline"] = metrics["output_throughput"] / base_tps if base_tps else None
+    return BenchResult(kind="throughput", label=args.label, config=config_record(config, args), metrics=metrics,
+                       extra=extra, environment=collect_environment(rates.device))
+
+
+def _run_baseline(model_dir: Path, prompts, warmup, output_len: int, config: EngineConfig, limits) -> dict:
+    """The baseline's record; a failure is recorded (with its reason) rather than losing our result."""
+    from workbench.hf_baseline import run_baseline
+
+    gc.collect()
+    if config.device == "cuda":
+        torch.cuda.empty_cache()
+        left = torch.cuda.memory_allocated()
+    console.log("baseline: transformers generate_batch on the same prompt token ids")
+    try:
+        result = run_baseline(model_dir, prompts, warmup, output_len, config.torch_dtype, config.device, limits)
+    except Exception as exc:  # noqa: BLE001 -- any failure inside transformers is reported, not raised
+        return {"error": f"{type(exc).__name__}: {exc}", "name": "transformers generate_batch (continuous batching)"}
+    record = result.as_dict()
+    if config.device == "cuda" and left > (1 << 30):
+        record["notes"].append(f"{left / (1 << 30):.1f} GiB of device memory was still held by our engine")
+    return record
+
+
+def profile_steps(engine, prompts: list[list[int]], output_lens: list[int], result_path: Path) -> dict:
+    """A torch.profiler trace of PROFILE_STEPS engine steps over the first max_num_seqs prompts (prefill
+    first, then decode), written as a Chrome trace beside the result file."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from engine import SamplingParams
+
+    ids = [f"profile-{i}" for i in range(min(len(prompts), engine.config.max_num_seqs))]
+    for rid, p, o in zip(ids, prompts, output_lens):
+        engine.add_request(rid, p, SamplingParams(temperature=0.0, max_tokens=o, ignore_eos=True))
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if engine.config.device == "cuda" else [])
+    steps = 0
+    with profile(activities=activities) as prof:
+        while steps < PROFILE_STEPS and engine.has_unfinished_requests():
+            engine.step()
+            steps += 1
+        synchronize(engine.config.device)
+    engine.abort_request(ids)
+    while engine.has_unfinished_requests():
+        engine.step()
+    trace = result_path.with_suffix(".trace.json")
+    trace.parent.mkdir(parents=True, exist_ok=True)
+    prof.export_chrome_trace(str(trace))
+    sort_key = "self_device_time_total" if engine.config.device == "cuda" else "self_cpu_time_total"
+    top = sorted(prof.key_averages(), key=lambda e: getattr(e, sort_key, 0), reverse=True)[:10]
+    return {"trace": str(trace), "steps": steps, "requests": len(ids),
+            "top_ops": [{"name": e.key, "calls": e.count, f"{sort_key}_ms": getattr(e, sort_key, 0) / 1e3}
+                        for e in top]}
