@@ -102,9 +102,8 @@ def run_latency(args: argparse.Namespace, progress: bool = True) -> BenchResult:
                        config.max_num_batched_tokens)
             row["preemptions"] = engine.get_stats().num_preemptions_total - preempted
             rows.append(row)
-            metrics |= {f"ttft_ms_bs{bs}": row["ttft_ms"], f"tpot_ms_bs{bs}": row["tpot_ms"],
-                        f"e2e_ms_bs{bs}": row["e2e_ms"], f"output_throughput_bs{bs}": row["output_throughput"],
-                        f"tpot_floor_ms_bs{bs}": row["tpot_floor_ms"], f"tpot_over_floor_bs{bs}": row["tpot_over_floor"]}
+            for name in ("ttft_ms", "tpot_ms", "e2e_ms", "output_throughput", "tpot_floor_ms", "tpot_over_floor"):
+                metrics[f"{name}_bs{bs}"] = row[name]
     floor_s = sum(r["e2e_floor_ms"] for r in rows) / 1e3
     metrics["roofline_floor_s"] = floor_s
     metrics["time_over_floor"] = sum(r["e2e_ms"] for r in rows) / 1e3 / floor_s
@@ -127,4 +126,5 @@ def _row(bs: int, ttft: float, e2e: float, args, shape, rates, max_num_batched_t
     return {"batch_size": bs, "ttft_ms": ttft * 1e3, "tpot_ms": tpot * 1e3, "e2e_ms": e2e * 1e3,
             "output_throughput": bs * args.output_len / e2e, "ttft_floor_ms": ttft_floor * 1e3,
             "tpot_floor_ms": tpot_floor * 1e3, "e2e_floor_ms": e2e_floor * 1e3,
-            "ttft_over_floor": ttft / ttft_floor, "tpot_over_floor": tpot / tpot_floor, "e2e_over_floor": e2e / e2e_floor}
+            "ttft_over_floor": ttft / ttft_floor, "tpot_over_floor": tpot / tpot_floor,
+            "e2e_over_floor": e2e / e2e_floor}

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import importlib.util
 import random
 import time
 from datetime import datetime
@@ -63,8 +64,8 @@ def build_parser(prog: str = "workbench bench throughput") -> argparse.ArgumentP
     p.add_argument("--baseline", choices=["transformers"], default=None,
                    help="also run the same workload through transformers' continuous batching (generate_batch)")
     p.add_argument("--profile", action="store_true",
-                   help=f"after the timed run, write a torch.profiler trace of {PROFILE_STEPS} engine steps "
-                        "next to the result (<name>.trace.json)")
+                   help=f"after the timed run, trace {PROFILE_STEPS} decode steps of the first max-num-seqs "
+                        "prompts with torch.profiler, next to the result (<name>.trace.json)")
     return p
 
 
@@ -147,7 +148,7 @@ def build_workload(args: argparse.Namespace, tokenizer, max_model_len: int) -> t
 
 
 def run_throughput(args: argparse.Namespace, progress: bool = True) -> BenchResult:
-    from engine import LLM, SamplingParams
+    from engine import LLM
 
     check_args(args)
     settings = engine_settings(args)
@@ -155,61 +156,42 @@ def run_throughput(args: argparse.Namespace, progress: bool = True) -> BenchResu
     rates = measure_device(settings.device, matmul_dtype(settings))
     console.log(f"loading {args.model}")
     llm = LLM(args.model, **llm_kwargs(args))
-    engine = llm.llm_engine
-    config, device = engine.config, engine.config.device
+    engine, config = llm.llm_engine, llm.llm_engine.config
     prompts, output_lens = build_workload(args, llm.get_tokenizer(), config.max_model_len)
     if args.baseline and len(set(output_lens)) > 1:
         raise ValueError("--baseline transformers needs one output length for all requests (generate_batch takes "
                          "one max_new_tokens); this dataset gives several (a per-line output_len?)")
     vocab = min(config.hf_config.vocab_size, len(llm.get_tokenizer()))
-    lengths = [max(map(len, prompts))] + [len(p) for p in prompts[:WARMUP_PROMPTS - 1]]
-    warmup = random_prompts(lengths, vocab, seed=args.seed + 1)
-    warmup_tokens = max(output_lens)
-    console.log(f"warm-up: {len(warmup)} random prompts x {warmup_tokens} tokens (not timed)")
-    llm.generate([{"prompt_token_ids": p} for p in warmup],
-                 SamplingParams(temperature=0.0, max_tokens=warmup_tokens, ignore_eos=True), use_tqdm=False)
+    warmup = random_prompts([max(map(len, prompts))] + [len(p) for p in prompts[:WARMUP_PROMPTS - 1]], vocab,
+                            seed=args.seed + 1)
+    console.log(f"warm-up: {len(warmup)} random prompts x {max(output_lens)} tokens (not timed)")
+    _generate(llm, warmup, [max(output_lens)] * len(warmup), progress=False)
 
-    params = [SamplingParams(temperature=0.0, max_tokens=o, ignore_eos=True) for o in output_lens]
     before = engine.get_stats()
-    synchronize(device)
-    start = time.perf_counter()
-    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=progress)
-    synchronize(device)
-    elapsed = time.perf_counter() - start
+    outs, elapsed = _generate(llm, prompts, output_lens, progress)
     after = engine.get_stats()
-
-    in_tokens, out_tokens = sum(map(len, prompts)), sum(len(o.outputs[0].token_ids) for o in outs)
-    steps = after.num_steps_total - before.num_steps_total
-    queries = after.prefix_cache_queries_total - before.prefix_cache_queries_total
-    hits = after.prefix_cache_hits_total - before.prefix_cache_hits_total
-    metrics = {
-        "num_prompts": len(prompts), "elapsed_s": elapsed, "requests_per_s": len(prompts) / elapsed,
-        "request_throughput": len(prompts) / elapsed, "output_throughput": out_tokens / elapsed,
-        "total_token_throughput": (in_tokens + out_tokens) / elapsed, "total_input_tokens": in_tokens,
-        "total_output_tokens": out_tokens, "num_steps": steps,
-        "tokens_per_step": (after.scheduled_tokens_total - before.scheduled_tokens_total) / max(1, steps),
-        "num_preemptions": after.num_preemptions_total - before.num_preemptions_total,
-        "prefix_cache_hit_rate": hits / queries if queries else 0.0}
-    notes = []
-    if out_tokens != sum(output_lens):
-        notes.append(f"the engine produced {out_tokens} output tokens, the workload asked for {sum(output_lens)}")
+    out_tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+    metrics = _metrics(len(prompts), sum(map(len, prompts)), out_tokens, elapsed, before, after)
     floor = throughput_floor(ModelShape.from_engine(engine), rates, [len(p) for p in prompts], output_lens,
                              config.max_num_seqs, config.max_num_batched_tokens,
                              kv_capacity_tokens=None if config.enable_prefix_caching
                              else after.num_gpu_blocks * config.block_size,
-                             cached_prompt_tokens=hits)
+                             cached_prompt_tokens=after.prefix_cache_hits_total - before.prefix_cache_hits_total)
     metrics["roofline_floor_s"] = floor["floor_s"]
     metrics["time_over_floor"] = elapsed / floor["floor_s"] if floor["floor_s"] > 0 else None
-    extra = {"roofline": floor, "notes": notes, "num_gpu_blocks": after.num_gpu_blocks,
-             "warmup": f"{len(warmup)} random prompts (not from the workload) x {warmup_tokens} tokens before timing"}
+    extra = {"roofline": floor, "num_gpu_blocks": after.num_gpu_blocks, "notes": [],
+             "warmup": f"{len(warmup)} random prompts (not from the workload) x {max(output_lens)} tokens, "
+                       "before timing"}
+    if out_tokens != sum(output_lens):
+        extra["notes"].append(f"the engine produced {out_tokens} output tokens; the workload asked for "
+                              f"{sum(output_lens)}")
     if args.profile:
         extra["profile"] = profile_steps(engine, prompts, output_lens, output_path(args, "throughput"))
 
     if args.baseline == "transformers":
         from workbench.hf_baseline import BaselineLimits
 
-        demand = sum(len(p) + o for p, o in zip(prompts, output_lens))  # all requests at once, at their end
-        limits = BaselineLimits(kv_tokens=min(after.num_gpu_blocks * config.block_size, demand),
+        limits = BaselineLimits(kv_tokens=after.num_gpu_blocks * config.block_size,
                                 max_num_batched_tokens=config.max_num_batched_tokens,
                                 max_num_seqs=config.max_num_seqs, prefix_sharing=config.enable_prefix_caching)
         model_dir = engine.model_dir
@@ -220,6 +202,33 @@ def run_throughput(args: argparse.Namespace, progress: bool = True) -> BenchResu
         metrics["speedup_vs_baseline"] = metrics["output_throughput"] / base_tps if base_tps else None
     return BenchResult(kind="throughput", label=args.label, config=config_record(config, args), metrics=metrics,
                        extra=extra, environment=collect_environment(rates.device))
+
+
+def _generate(llm, prompts: list[list[int]], output_lens: list[int], progress: bool):
+    """Greedy, EOS ignored, exactly output_len tokens each; timed between device synchronizations."""
+    from engine import SamplingParams
+
+    params = [SamplingParams(temperature=0.0, max_tokens=o, ignore_eos=True) for o in output_lens]
+    device = llm.llm_engine.config.device
+    synchronize(device)
+    start = time.perf_counter()
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=progress)
+    synchronize(device)
+    return outs, time.perf_counter() - start
+
+
+def _metrics(num_prompts: int, in_tokens: int, out_tokens: int, elapsed: float, before, after) -> dict:
+    """vLLM's throughput names, and the engine's counters as deltas over the timed run."""
+    steps = after.num_steps_total - before.num_steps_total
+    queries = after.prefix_cache_queries_total - before.prefix_cache_queries_total
+    hits = after.prefix_cache_hits_total - before.prefix_cache_hits_total
+    return {"num_prompts": num_prompts, "elapsed_s": elapsed, "requests_per_s": num_prompts / elapsed,
+            "request_throughput": num_prompts / elapsed, "output_throughput": out_tokens / elapsed,
+            "total_token_throughput": (in_tokens + out_tokens) / elapsed, "total_input_tokens": in_tokens,
+            "total_output_tokens": out_tokens, "num_steps": steps,
+            "tokens_per_step": (after.scheduled_tokens_total - before.scheduled_tokens_total) / max(1, steps),
+            "num_preemptions": after.num_preemptions_total - before.num_preemptions_total,
+            "prefix_cache_hit_rate": hits / queries if queries else 0.0}
 
 
 def _run_baseline(model_dir: Path, prompts, warmup, output_len: int, config: EngineConfig, limits) -> dict:
@@ -234,7 +243,10 @@ def _run_baseline(model_dir: Path, prompts, warmup, output_len: int, config: Eng
     try:
         result = run_baseline(model_dir, prompts, warmup, output_len, config.torch_dtype, config.device, limits)
     except Exception as exc:  # noqa: BLE001 -- any failure inside transformers is reported, not raised
-        return {"error": f"{type(exc).__name__}: {exc}", "name": "transformers generate_batch (continuous batching)"}
+        error = f"{type(exc).__name__}: {exc}"
+        if config.device == "cpu" and importlib.util.find_spec("psutil") is None:
+            error += " (transformers 5.17 sizes its CPU cache with psutil, which is not installed here)"
+        return {"error": error, "name": "transformers generate_batch (continuous batching)"}
     record = result.as_dict()
     if config.device == "cuda" and left > (1 << 30):
         record["notes"].append(f"{left / (1 << 30):.1f} GiB of device memory was still held by our engine")
@@ -242,8 +254,9 @@ def _run_baseline(model_dir: Path, prompts, warmup, output_len: int, config: Eng
 
 
 def profile_steps(engine, prompts: list[list[int]], output_lens: list[int], result_path: Path) -> dict:
-    """A torch.profiler trace of PROFILE_STEPS engine steps over the first max_num_seqs prompts (prefill
-    first, then decode), written as a Chrome trace beside the result file."""
+    """A torch.profiler trace of PROFILE_STEPS decode steps: the first max_num_seqs prompts are added
+    and prefilled untraced (every request has its first token), then the steps are traced; written as
+    a Chrome trace beside the result file. With prefix caching on, their prefill hits the cache."""
     from torch.profiler import ProfilerActivity, profile
 
     from engine import SamplingParams
@@ -251,6 +264,9 @@ def profile_steps(engine, prompts: list[list[int]], output_lens: list[int], resu
     ids = [f"profile-{i}" for i in range(min(len(prompts), engine.config.max_num_seqs))]
     for rid, p, o in zip(ids, prompts, output_lens):
         engine.add_request(rid, p, SamplingParams(temperature=0.0, max_tokens=o, ignore_eos=True))
+    started: set[str] = set()
+    while len(started) < len(ids) and engine.has_unfinished_requests():  # ends: requests finish
+        started.update(out.request_id for out in engine.step())
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if engine.config.device == "cuda" else [])
     steps = 0
     with profile(activities=activities) as prof:
@@ -266,6 +282,6 @@ def profile_steps(engine, prompts: list[list[int]], output_lens: list[int], resu
     prof.export_chrome_trace(str(trace))
     sort_key = "self_device_time_total" if engine.config.device == "cuda" else "self_cpu_time_total"
     top = sorted(prof.key_averages(), key=lambda e: getattr(e, sort_key, 0), reverse=True)[:10]
-    return {"trace": str(trace), "steps": steps, "requests": len(ids),
+    return {"trace": str(trace), "steps": steps, "requests": len(ids), "phase": "decode (after every prefill)",
             "top_ops": [{"name": e.key, "calls": e.count, f"{sort_key}_ms": getattr(e, sort_key, 0) / 1e3}
                         for e in top]}

@@ -23,6 +23,10 @@ bench_app.command("serve")(bench_serve)
 bench_app.command("ceiling")(ceiling)
 from workbench.tune_cmd import tune  # noqa: E402
 app.command("tune")(tune)
+from workbench.gate_cmd import gate  # noqa: E402
+from workbench.report_cmd import report  # noqa: E402
+app.command("gate")(gate)
+app.command("report")(report)
 # --- end of command registration ---
 
 

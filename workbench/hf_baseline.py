@@ -11,13 +11,15 @@ Checked against the sources of transformers 5.17 (the GPU machine) and 5.23 (her
   eos_token_id=-1 disables it in both versions.
 - `generate_batch` takes one max_new_tokens for all requests, so the workload must have one output
   length (the caller checks).
-- The manager is sized by ContinuousBatchingConfig: we pass our engine's limits (KV tokens as
-  blocks of 256, capped at what the workload can occupy; max_num_batched_tokens; max_num_seqs;
-  prefix sharing on iff ours is on), so both run under the same budget. Left alone, transformers
+- The manager is sized by ContinuousBatchingConfig: we pass our engine's limits (our KV tokens as
+  its blocks of 256 tokens, capped at what the workload can occupy; max_num_batched_tokens;
+  max_num_seqs; prefix sharing on iff ours is on), so both run under the same budget (its coarser
+  blocks hold fewer short sequences in the same tokens: its design, kept). Left alone, transformers
   sizes its cache from free memory, which on CPU means most of the host's RAM (a minute of page
   faults here). Its sdpa path keeps a mask of batch tokens x cache tokens, so our limits may not
-  fit its memory model (MemoryError): then it sizes its own cache, and the result says so. A warm-up call keeps its manager
-  (persistent_manager=True) so that the timed call does not pay for start-up or CUDA graph capture.
+  fit its memory model (MemoryError): then it sizes its own cache, and the result says so.
+- A warm-up call keeps its manager (persistent_manager=True) so that the timed call does not pay
+  for start-up or CUDA graph capture.
 """
 from __future__ import annotations
 
@@ -36,7 +38,7 @@ TF_PAGE_SIZE = 256  # transformers' default tokens per cache block (page_size in
 @dataclass
 class BaselineLimits:
     """Our engine's limits, handed to transformers' manager."""
-    kv_tokens: int  # our KV capacity, capped at what the whole workload could occupy at once
+    kv_tokens: int  # our KV cache capacity in tokens
     max_num_batched_tokens: int
     max_num_seqs: int
     prefix_sharing: bool
@@ -86,12 +88,15 @@ def load_model(model_dir: Path, dtype: torch.dtype, device: str, notes: list[str
     raise RuntimeError("transformers could not load the model for continuous batching: " + "; ".join(errors))
 
 
-def _cb_config(limits: BaselineLimits | None):
+def _cb_config(limits: BaselineLimits | None, seq_lens: list[int]):
+    """Our limits; the cache no larger than the whole workload occupies at once (a request holds
+    whole blocks), which keeps transformers' size-dependent buffers from growing for nothing."""
     from transformers.generation import ContinuousBatchingConfig
 
     if limits is None:  # transformers' own sizing, from free memory
         return ContinuousBatchingConfig()
-    return ContinuousBatchingConfig(num_blocks=max(1, math.ceil(limits.kv_tokens / TF_PAGE_SIZE)),
+    demand = sum(math.ceil(n / TF_PAGE_SIZE) for n in seq_lens)
+    return ContinuousBatchingConfig(num_blocks=max(1, min(math.ceil(limits.kv_tokens / TF_PAGE_SIZE), demand)),
                                     max_batch_tokens=limits.max_num_batched_tokens,
                                     max_requests_per_batch=limits.max_num_seqs,
                                     allow_block_sharing=limits.prefix_sharing)
@@ -125,13 +130,13 @@ def run_baseline(model_dir: Path, prompts: list[list[int]], warmup_prompts: list
     seen: set[str] = set()
     hook = model.register_forward_pre_hook(lambda module, args: seen.add(str(module.config._attn_implementation)))
     try:
-        cb = _cb_config(limits)
+        cb = _cb_config(limits, [len(p) + output_len for p in prompts])
         try:
             model.generate_batch(inputs=warmup_prompts, generation_config=_greedy(output_len),
                                  continuous_batching_config=cb, persistent_manager=True)
         except MemoryError as exc:  # its footprint model (the sdpa mask grows with batch x cache) said no
             notes.append(f"our limits did not fit transformers' memory model ({exc}); it sized its own cache")
-            cb = _cb_config(None)
+            cb = _cb_config(None, [])
             model.generate_batch(inputs=warmup_prompts, generation_config=_greedy(output_len),
                                  continuous_batching_config=cb, persistent_manager=True)
         _sync(device)
@@ -152,9 +157,11 @@ def run_baseline(model_dir: Path, prompts: list[list[int]], warmup_prompts: list
     failed = len(prompts) - len(produced)
     if failed:
         notes.append(f"{failed} of {len(prompts)} requests failed or went missing in transformers")
-    short = sum(1 for n in produced if n < output_len)
-    if short:
-        notes.append(f"{short} requests produced fewer than {output_len} tokens; throughput counts what was produced")
+    off = [n for n in produced if n != output_len]
+    if off:
+        notes.append(f"{len(off)} requests produced other than {output_len} tokens ({min(off)}..{max(off)}); "
+                     "throughput counts what was produced")
     return BaselineResult(elapsed_s=elapsed, output_tokens=sum(produced), expected_tokens=len(prompts) * output_len,
-                          requests=len(prompts), failed=failed, attn_implementation=", ".join(sorted(seen)),
+                          requests=len(prompts), failed=failed,
+                          attn_implementation=", ".join(sorted(seen)) or "not observed",
                           transformers_version=transformers.__version__, weights=weights, notes=notes)

@@ -1,0 +1,187 @@
+"""Every figure of the report, as matplotlib figures: the Streamlit app shows them and
+`workbench report --export` saves them as PNG, so both always show the same thing."""
+from __future__ import annotations
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from reports.data import RunFile, itl_values_ms, request_frame  # noqa: E402
+
+LATENCIES = {"ttft": "time to first token", "tpot": "time per output token", "itl": "inter-token latency",
+             "e2el": "end-to-end latency"}
+
+
+def _figure(title: str, width: float = 7.0, height: float = 4.2):
+    fig, ax = plt.subplots(figsize=(width, height), dpi=110)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    return fig, ax
+
+
+# ---------------------------------------------------------------- studies
+def pareto_front(df: pd.DataFrame, x: str = "output_throughput", y: str = "p99_ttft_ms"):
+    """Throughput against p99 latency; the feasible trials that no other feasible trial beats on both."""
+    fig, ax = _figure(f"Pareto front: {x} vs {y}")
+    done = df[(df["state"] == "COMPLETE") & df[x].notna() & df[y].notna()] if len(df) else df
+    if len(done) == 0:
+        ax.text(0.5, 0.5, "no completed trials yet", ha="center", transform=ax.transAxes)
+        return fig
+    feasible = done[done["feasible"]]
+    ax.scatter(done[~done["feasible"]][x], done[~done["feasible"]][y], c="lightgray", label="infeasible")
+    ax.scatter(feasible[x], feasible[y], c="tab:blue", label="feasible")
+    front = feasible.sort_values(x, ascending=False)
+    best_y, keep = np.inf, []
+    for _, row in front.iterrows():
+        if row[y] < best_y:
+            keep.append(row)
+            best_y = row[y]
+    if keep:
+        pf = pd.DataFrame(keep).sort_values(x)
+        ax.plot(pf[x], pf[y], "o-", c="tab:red", label="Pareto front")
+        for _, row in pf.iterrows():
+            ax.annotate(f"#{int(row['trial'])}", (row[x], row[y]), textcoords="offset points", xytext=(4, 4))
+    ax.set_xlabel(x)
+    ax.set_ylabel(y)
+    ax.legend()
+    return fig
+
+
+def optimization_history(df: pd.DataFrame, metric: str, maximize: bool):
+    fig, ax = _figure(f"Optimization history: {metric}")
+    done = df[(df["state"] == "COMPLETE") & df[metric].notna()].sort_values("trial") if len(df) else df
+    if len(done) == 0:
+        ax.text(0.5, 0.5, "no completed trials yet", ha="center", transform=ax.transAxes)
+        return fig
+    ax.scatter(done["trial"], done[metric], c=np.where(done["feasible"], "tab:blue", "lightgray"), label="trial")
+    feasible = done[done["feasible"]]
+    if len(feasible):
+        best = feasible[metric].cummax() if maximize else feasible[metric].cummin()
+        ax.step(feasible["trial"], best, where="post", c="tab:red", label="best feasible so far")
+    ax.set_xlabel("trial")
+    ax.set_ylabel(metric)
+    ax.legend()
+    return fig
+
+
+def parameter_importances(importances: dict[str, float], metric: str):
+    fig, ax = _figure(f"Parameter importances for {metric}")
+    if not importances:
+        ax.text(0.5, 0.5, "needs more completed trials", ha="center", transform=ax.transAxes)
+        return fig
+    names = list(importances)[::-1]
+    ax.barh(names, [importances[n] for n in names], color="tab:blue")
+    ax.set_xlabel("importance (fANOVA)")
+    return fig
+
+
+def parallel_coordinates(df: pd.DataFrame, metric: str):
+    fig, ax = _figure(f"Parallel coordinates, coloured by {metric}", width=8.5)
+    params = [c for c in df.columns if c.startswith("param:")]
+    done = df[(df["state"] == "COMPLETE") & df[metric].notna()] if len(df) else df
+    if len(done) == 0 or not params:
+        ax.text(0.5, 0.5, "no completed trials yet", ha="center", transform=ax.transAxes)
+        return fig
+    cols = params + [metric]
+    scaled = pd.DataFrame(index=done.index)
+    for c in cols:
+        values = pd.to_numeric(done[c].map(lambda v: float(v) if isinstance(v, (bool, int, float)) else hash(v) % 97),
+                               errors="coerce")
+        span = values.max() - values.min()
+        scaled[c] = (values - values.min()) / span if span else 0.5
+    cmap = plt.get_cmap("viridis")
+    for i, (_, row) in enumerate(scaled.iterrows()):
+        ax.plot(range(len(cols)), row.values, c=cmap(row[metric]), alpha=0.8)
+    ax.set_xticks(range(len(cols)), [c.removeprefix("param:") for c in cols], rotation=20)
+    ax.set_yticks([0, 1], ["low", "high"])
+    return fig
+
+
+# ---------------------------------------------------------------- benchmark runs
+def latency_distributions(runs: list[RunFile], kind: str):
+    """Histograms of one latency for one or more runs, on shared bins."""
+    fig, ax = _figure(f"{LATENCIES[kind]} ({kind}) distribution")
+    data = []
+    for run in runs:
+        values = itl_values_ms(run) if kind == "itl" else request_frame(run)[f"{kind}_ms"].dropna().tolist()
+        if values:
+            data.append((run.name, values))
+    if not data:
+        ax.text(0.5, 0.5, "no data", ha="center", transform=ax.transAxes)
+        return fig
+    bins = np.histogram_bin_edges(np.concatenate([v for _, v in data]), bins=40)
+    for name, values in data:
+        ax.hist(values, bins=bins, alpha=0.55, label=f"{name} (p50 {np.median(values):.1f}, "
+                                                     f"p99 {np.percentile(values, 99):.1f})")
+    ax.set_xlabel(f"{kind} (ms)")
+    ax.set_ylabel("count")
+    ax.legend(fontsize=8)
+    return fig
+
+
+def sweep_curve(points: list[RunFile], latency: str = "ttft"):
+    """The latency-versus-throughput curve of a sweep (median and p99 at each load point)."""
+    fig, ax = _figure(f"Throughput vs {latency.upper()} latency")
+    x = [p.result.metrics.get("output_throughput") or 0 for p in points]
+    for stat, style in (("median", "o-"), ("p99", "s--")):
+        y = [p.result.metrics.get(f"{stat}_{latency}_ms") for p in points]
+        ax.plot(x, y, style, label=f"{stat} {latency}")
+    for p, xi in zip(points, x):
+        ax.annotate(p.result.label.split()[-1], (xi, p.result.metrics.get(f"median_{latency}_ms") or 0),
+                    textcoords="offset points", xytext=(3, 5), fontsize=8)
+    ax.set_xlabel("output tokens/s")
+    ax.set_ylabel(f"{latency} (ms)")
+    ax.legend()
+    return fig
+
+
+def compare_runs(runs: list[RunFile], metrics: list[str]):
+    """Side-by-side bars for chosen metrics (e.g. prefix caching on vs off, our engine vs another)."""
+    fig, axes = plt.subplots(1, len(metrics), figsize=(3.2 * len(metrics), 4), dpi=110, squeeze=False)
+    fig.suptitle("Runs side by side")
+    names = [r.name for r in runs]
+    for ax, metric in zip(axes[0], metrics):
+        values = [r.result.metrics.get(metric) or 0 for r in runs]
+        ax.bar(range(len(runs)), values, color=plt.get_cmap("tab10").colors[:len(runs)])
+        ax.set_xticks(range(len(runs)), names, rotation=30, ha="right", fontsize=8)
+        ax.set_title(metric, fontsize=9)
+        ax.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    return fig
+
+
+def percentile_table(runs: list[RunFile]) -> pd.DataFrame:
+    rows = []
+    for r in runs:
+        m = r.result.metrics
+        rows.append({"run": r.name, **{f"{s}_{k}_ms": m.get(f"{s}_{k}_ms") for k in LATENCIES
+                                       for s in ("median", "p90", "p99")},
+                     "output_throughput": m.get("output_throughput"),
+                     "request_throughput": m.get("request_throughput")})
+    return pd.DataFrame(rows)
+
+
+# ---------------------------------------------------------------- gate
+def gate_history(gates: list[RunFile]):
+    fig, ax = _figure("Gate history: change against the baseline per metric (%)")
+    if not gates:
+        ax.text(0.5, 0.5, "no gate runs yet", ha="center", transform=ax.transAxes)
+        return fig
+    series: dict[str, list[tuple[int, float]]] = {}
+    for i, g in enumerate(gates):
+        for row in g.result.extra.get("rows", []):
+            if row.get("change_pct") is not None:
+                series.setdefault(row["metric"], []).append((i, row["change_pct"]))
+    for metric, points in series.items():
+        ax.plot([p[0] for p in points], [p[1] for p in points], "o-", label=metric)
+    fails = [i for i, g in enumerate(gates) if g.result.extra.get("verdict") == "fail"]
+    for i in fails:
+        ax.axvline(i, color="tab:red", alpha=0.3)
+    ax.axhline(0, color="black", lw=0.8)
+    ax.set_xlabel("gate run (oldest first; red: failed)")
+    ax.set_ylabel("change vs baseline (%)")
+    ax.legend(fontsize=8)
+    return fig

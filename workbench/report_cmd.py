@@ -1,0 +1,33 @@
+"""`workbench report`: the Streamlit app, or a static export for CI artifacts."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import typer
+from rich.console import Console
+
+console = Console(stderr=True)
+APP = Path(__file__).resolve().parents[1] / "reports" / "app.py"
+
+
+def report(storage: str = typer.Option(None, help="Optuna storage URL (e.g. sqlite:///results/tune.db)"),
+           results: Path = typer.Option(Path("results"), help="folder of benchmark and gate result files"),
+           port: int = typer.Option(8501), export: Path = typer.Option(None, help="write PNGs + report.md/.html "
+                                                                                  "here instead of serving")) -> None:
+    """Look at studies, benchmark runs and the gate's history."""
+    if storage is None and (results / "tune.db").is_file():
+        storage = f"sqlite:///{results / 'tune.db'}"
+    if export is not None:
+        from reports.export import export as do_export
+
+        files = do_export(storage, str(results), export)
+        console.print(f"wrote {len(files)} files to {export} (open {export / 'report.html'})")
+        return
+    args = [sys.executable, "-m", "streamlit", "run", str(APP), "--server.headless", "true", "--server.port",
+            str(port), "--browser.gatherUsageStats", "false", "--", "--results", str(results)]
+    if storage:
+        args += ["--storage", storage]
+    console.print(f"report at http://localhost:{port} (Ctrl-C to stop)")
+    raise typer.Exit(subprocess.call(args))
