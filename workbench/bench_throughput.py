@@ -63,6 +63,9 @@ def build_parser(prog: str = "workbench bench throughput") -> argparse.ArgumentP
     p.add_argument("--num-prefixes", type=int, default=1, help="distinct shared prefixes (prefix-repeat)")
     p.add_argument("--baseline", choices=["transformers"], default=None,
                    help="also run the same workload through transformers' continuous batching (generate_batch)")
+    p.add_argument("--baseline-num-prompts", type=int, default=None,
+                   help="run the baseline on only the first N prompts of the same workload (it is ~30x slower); "
+                        "its throughput is a rate, so the ratio stays meaningful. Default: all prompts")
     p.add_argument("--profile", action="store_true",
                    help=f"after the timed run, trace {PROFILE_STEPS} decode steps of the first max-num-seqs "
                         "prompts with torch.profiler, next to the result (<name>.trace.json)")
@@ -124,6 +127,8 @@ def check_args(args: argparse.Namespace) -> None:
             raise ValueError("--dataset jsonl needs --dataset-path FILE")
         if not Path(args.dataset_path).is_file():
             raise ValueError(f"--dataset-path {args.dataset_path}: no such file")
+    if args.baseline_num_prompts is not None and args.baseline_num_prompts < 1:
+        raise ValueError(f"--baseline-num-prompts must be at least 1, got {args.baseline_num_prompts}")
     if args.baseline and args.range_ratio > 0:
         raise ValueError("--baseline transformers needs one output length for all requests (generate_batch takes "
                          "one max_new_tokens): use --range-ratio 0")
@@ -196,7 +201,12 @@ def run_throughput(args: argparse.Namespace, progress: bool = True) -> BenchResu
                                 max_num_seqs=config.max_num_seqs, prefix_sharing=config.enable_prefix_caching)
         model_dir = engine.model_dir
         del llm, engine, outs  # free the device before transformers loads
-        extra["baseline"] = _run_baseline(model_dir, prompts, warmup, output_lens[0], config, limits)
+        subset = prompts[:args.baseline_num_prompts] if args.baseline_num_prompts else prompts
+        extra["baseline"] = _run_baseline(model_dir, subset, warmup, output_lens[0], config, limits)
+        extra["baseline"]["num_prompts"] = len(subset)
+        if len(subset) < len(prompts):
+            extra["baseline"].setdefault("notes", []).append(
+                f"the baseline ran the first {len(subset)} of the {len(prompts)} prompts (--baseline-num-prompts)")
         base_tps = extra["baseline"].get("output_throughput")
         metrics["baseline_output_throughput"] = base_tps
         metrics["speedup_vs_baseline"] = metrics["output_throughput"] / base_tps if base_tps else None
