@@ -106,6 +106,8 @@ class BlockManager:
         `seq.block_hashes` remembers the chain so each block is hashed once."""
         if not self.enable_prefix_caching:
             return
+        if seq.pending_row is not None:  # its newest token is still on the device: hash that block later
+            num_tokens = min(num_tokens, len(seq.token_ids) - 1)
         num_full = num_tokens // self.block_size
         for i in range(len(seq.block_hashes), num_full):
             parent = seq.block_hashes[-1] if seq.block_hashes else NO_HASH

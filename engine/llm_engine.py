@@ -14,12 +14,22 @@ from engine.model_loader import build_model, load_hf_config, load_tokenizer
 from engine.model_runner import ModelRunner
 from engine.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from engine.presets import resolve_model
-from engine.sampler import Sampler, SampleResult, SamplingBatch, make_generator
+from engine.sampler import PendingSample, Sampler, SampleResult, SamplingBatch, make_generator
 from engine.sampling_params import RequestOutputKind, SamplingParams
 from engine.scheduler import Scheduler
 from engine.sequence import Sequence
 
 log = logging.getLogger("engine")
+
+
+PENDING_TOKEN = -1  # a sampled token still on the device (see LLMEngine.step)
+
+
+@dataclass
+class PendingStep:
+    """The step whose sampled tokens the host has not read yet."""
+    seqs: list[Sequence]  # the sampled sequences, in the rows of `sample`
+    sample: PendingSample
 
 
 @dataclass
@@ -52,7 +62,8 @@ class Request:
 
     @property
     def finished(self) -> bool:
-        return all(s.is_finished for s in self.seqs)
+        seqs = self.seqs
+        return seqs[0].is_finished if len(seqs) == 1 else all(s.is_finished for s in seqs)
 
 
 class LLMEngine:
@@ -76,6 +87,7 @@ class LLMEngine:
         self.sampler = Sampler(config.seed, self.device)
         self.requests: dict[str, Request] = {}
         self._aborted_outputs: list[RequestOutput] = []
+        self._pending: PendingStep | None = None
         self._counters = {"prompt_tokens": 0, "generation_tokens": 0, "steps": 0, "scheduled_tokens": 0}
         log.info("engine ready in %.1f s: %s on %s, dtype %s, max_model_len %d, %d KV blocks, max_num_seqs %d, "
                  "max_num_batched_tokens %d, prefix caching %s, chunked prefill %s, CUDA graphs %s",
@@ -141,6 +153,9 @@ class LLMEngine:
             if request is None:
                 continue
             for seq in request.seqs:
+                if seq.pending_row is not None:  # its in-flight token is dropped with it
+                    seq.token_ids.pop()
+                    seq.pending_row = None
                 if not seq.is_finished:
                     self.scheduler.finish(seq, "abort")
             request.metrics.finished_time = time.monotonic()
@@ -151,27 +166,52 @@ class LLMEngine:
 
     # ---------------------------------------------------------------- the step
     def step(self) -> list[RequestOutput]:
+        """Schedule and launch this step, then finish the previous one on the host while the device
+        computes: its tokens are appended, stops checked and outputs built one step late. A running
+        sequence whose token is still on the device holds a placeholder (-1) as its newest token;
+        its next decode input is gathered from the device tensor, so the host never waits."""
         outputs, self._aborted_outputs = self._aborted_outputs, []
         batch = self.scheduler.schedule()
         if not batch:
-            return outputs
-        inputs, logits = self.runner.run(batch)
+            return outputs + self._finish_pending()
+        prev = self._pending
+        inputs, logits = self.runner.run(batch, prev.sample.tokens if prev else None)
         self._counters["steps"] += 1
         self._counters["scheduled_tokens"] += batch.num_tokens
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
             seq.num_computed_tokens += n
-        touched: dict[str, Request] = {}
+        outputs += self._finish_pending()  # overlaps this step's device work
+        # Rows of sequences that the previous step finished were computed for nothing; drop them.
         if inputs.sampled:
-            result = self.sampler(logits, self._sampling_batch(inputs.sampled))
-            now = time.monotonic()
+            sample = self.sampler(logits, self._sampling_batch(inputs.sampled))
             for i, seq in enumerate(inputs.sampled):
-                self._append(seq, i, result, now)
-                touched[seq.request_id] = self.requests[seq.request_id]
+                if not seq.is_finished:
+                    seq.token_ids.append(PENDING_TOKEN)
+                    seq.pending_row = i
+            self._pending = PendingStep(inputs.sampled, sample)
+        return outputs
+
+    def _finish_pending(self) -> list[RequestOutput]:
+        """Append the in-flight step's tokens (waiting for its device work if need be), check stops,
+        and return the outputs it produced."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return []
+        result = pending.sample.result()
+        now = time.monotonic()
+        touched: dict[str, Request] = {}
+        for i, seq in enumerate(pending.seqs):
+            if seq.pending_row is None:  # finished or aborted since it was scheduled
+                continue
+            seq.pending_row = None
+            request = touched[seq.request_id] = self.requests[seq.request_id]
+            self._append(request, seq, i, result, now)
+        outputs = []
         for request in touched.values():
             if request.finished or request.params.output_kind != RequestOutputKind.FINAL_ONLY:
                 outputs.append(self._output(request))
             if request.finished:
-                request.metrics.finished_time = time.monotonic()
+                request.metrics.finished_time = now
                 del self.requests[request.request_id]
         return outputs
 
@@ -192,15 +232,15 @@ class LLMEngine:
                              output_token_ids=[s.output_token_ids for s in seqs] if penalised else [],
                              generators=[s.generator for s in seqs], stop_ids_to_block=blocked)
 
-    def _append(self, seq: Sequence, row: int, result: SampleResult, now: float) -> None:
+    def _append(self, request: Request, seq: Sequence, row: int, result: SampleResult, now: float) -> None:
         token = result.token_ids[row]
-        seq.append_token(token)
+        seq.token_ids[-1] = token  # in place of the placeholder
         self._counters["generation_tokens"] += 1
-        request = self.requests[seq.request_id]
-        if request.metrics.first_token_time is None:
-            request.metrics.first_token_time = now
-            request.metrics.first_scheduled_time = seq.first_scheduled_time
-        request.metrics.last_token_time = now
+        metrics = request.metrics
+        if metrics.first_token_time is None:
+            metrics.first_token_time = now
+            metrics.first_scheduled_time = seq.first_scheduled_time
+        metrics.last_token_time = now
         if not request.counted_prompt:
             request.counted_prompt = True
             self._counters["prompt_tokens"] += seq.num_prompt_tokens

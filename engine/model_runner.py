@@ -55,49 +55,66 @@ class ModelRunner:
             attn.k_cache, attn.v_cache = caches[i] if caches else (empty, empty)
 
     # ---------------------------------------------------------------- inputs
-    def prepare(self, batch: ScheduledBatch) -> StepInputs:
-        input_ids, positions, slots, context_lens, cu_seqlens = [], [], [], [], [0]
-        logits_indices, sampled = [], []
+    def prepare(self, batch: ScheduledBatch, prev_tokens: torch.Tensor | None = None) -> StepInputs:
+        """Flatten the batch. `prev_tokens` holds the previous step's sampled tokens on the device:
+        decode rows whose newest token is still there (Sequence.pending_row) are fed from it."""
         bs = self.block_size
-        for seq, n in zip(batch.seqs, batch.num_new_tokens):
+        decodes = batch.seqs[:batch.num_decode_seqs]
+        # The decode group (most rows of most steps) in flat comprehensions. A one-token row is
+        # usually a decode, but can be a one-token prompt chunk, which samples nothing.
+        positions = [seq.num_computed_tokens for seq in decodes]
+        input_ids = [seq.token_ids[p] for seq, p in zip(decodes, positions)]
+        slots = [seq.block_table[p // bs] * bs + p % bs for seq, p in zip(decodes, positions)]
+        context_lens = [p + 1 for p in positions]
+        logits_indices = [i for i, (seq, p) in enumerate(zip(decodes, positions)) if p + 1 == len(seq.token_ids)]
+        sampled = [decodes[i] for i in logits_indices]
+        pending_rows = [i for i, seq in enumerate(decodes) if seq.pending_row is not None]
+        pending_src = [decodes[i].pending_row for i in pending_rows]
+        cu_seqlens = list(range(len(decodes) + 1))
+        for seq, n in zip(batch.seqs[batch.num_decode_seqs:], batch.num_new_tokens[batch.num_decode_seqs:]):
             start = seq.num_computed_tokens
             end = start + n
             table = seq.block_table
-            if n == 1:  # the decode fast path: most rows of most steps
-                input_ids.append(seq.token_ids[start])
-                positions.append(start)
-                slots.append(table[start // bs] * bs + start % bs)
-            else:
-                input_ids.extend(seq.token_ids[start:end])
-                positions.extend(range(start, end))
-                slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
+            input_ids.extend(seq.token_ids[start:end])
+            positions.extend(range(start, end))
+            slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
             context_lens.append(end)
             cu_seqlens.append(cu_seqlens[-1] + n)
             if end == len(seq):  # this chunk reaches the newest token: sample the next one
                 logits_indices.append(cu_seqlens[-1] - 1)
                 sampled.append(seq)
-        tables = np.zeros((len(batch.seqs), max(len(seq.block_table) for seq in batch.seqs)), dtype=np.int32)
-        for row, seq in zip(tables, batch.seqs):
-            row[:len(seq.block_table)] = seq.block_table
+        fields = [input_ids, positions, slots, context_lens, cu_seqlens, logits_indices, pending_rows, pending_src]
+        ids, pos, slot_t, ctx, cu, logit_idx, rows, src, tables = self._upload(fields, batch.seqs)
+        if rows.numel():
+            if prev_tokens is None:
+                raise RuntimeError("a sequence waits for a device token, but no previous step was given")
+            ids[rows] = prev_tokens[src]
         meta = AttentionMetadata(
-            slot_mapping=self._tensor(slots, torch.int64), block_tables=self._to_device(torch.from_numpy(tables)),
-            context_lens=self._tensor(context_lens, torch.int32), cu_seqlens_q=self._tensor(cu_seqlens, torch.int32),
-            num_decode_seqs=batch.num_decode_seqs, max_query_len=max(batch.num_new_tokens),
-            max_context_len=max(context_lens))
-        return StepInputs(self._tensor(input_ids, torch.int64), self._tensor(positions, torch.int64), meta,
-                          self._tensor(logits_indices, torch.int64), sampled)
+            slot_mapping=slot_t, block_tables=tables, context_lens=ctx.to(torch.int32),
+            cu_seqlens_q=cu.to(torch.int32), num_decode_seqs=batch.num_decode_seqs,
+            max_query_len=max(batch.num_new_tokens), max_context_len=max(context_lens))
+        return StepInputs(ids, pos, meta, logit_idx, sampled)
 
-    def _tensor(self, data: list, dtype: torch.dtype) -> torch.Tensor:
-        return self._to_device(torch.tensor(data, dtype=dtype))
-
-    def _to_device(self, t: torch.Tensor) -> torch.Tensor:
-        # Small host tensors: a plain copy is cheaper than pinning a fresh buffer each step.
-        return t if self.device.type == "cpu" else t.to(self.device)
+    def _upload(self, fields: list[list[int]], seqs: list[Sequence]) -> list[torch.Tensor]:
+        """One host buffer (pinned on CUDA) and one asynchronous copy for all of the step's
+        integer inputs, so that preparing a step never waits for the device to drain."""
+        sizes = [len(f) for f in fields]
+        width = max(len(seq.block_table) for seq in seqs)
+        flat = np.zeros(sum(sizes) + len(seqs) * width, dtype=np.int64)
+        flat[:sum(sizes)] = [x for f in fields for x in f]
+        tables = flat[sum(sizes):].reshape(len(seqs), width)
+        for row, seq in zip(tables, seqs):
+            row[:len(seq.block_table)] = seq.block_table
+        buf = torch.from_numpy(flat)
+        if self.device.type == "cuda":
+            buf = buf.pin_memory().to(self.device, non_blocking=True)
+        parts = list(buf[:sum(sizes)].split(sizes))
+        return parts + [buf[sum(sizes):].view(len(seqs), width).to(torch.int32)]
 
     # ---------------------------------------------------------------- run
     @torch.inference_mode()
-    def run(self, batch: ScheduledBatch) -> tuple[StepInputs, torch.Tensor]:
-        inputs = self.prepare(batch)
+    def run(self, batch: ScheduledBatch, prev_tokens: torch.Tensor | None = None) -> tuple[StepInputs, torch.Tensor]:
+        inputs = self.prepare(batch, prev_tokens)
         num_seqs = len(batch.seqs)
         if self.graphs and batch.num_decode_seqs == num_seqs and num_seqs <= max(self.graphs):
             hidden = self._replay(inputs, num_seqs)

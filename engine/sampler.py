@@ -33,6 +33,34 @@ class SampleResult:
     top_logprobs: list[list[tuple[int, float]] | None] | None = None
 
 
+class PendingSample:
+    """A step's sampled tokens (and logprobs) on their way to the host. The copy is queued behind
+    the step's device work, so the engine can launch the next step before it waits for them."""
+
+    def __init__(self, tokens: torch.Tensor, extras: dict[str, torch.Tensor], num_top: list[int | None]):
+        self.tokens = tokens  # stays on the device: the next step's decode inputs are gathered from it
+        self._num_top = num_top
+        self._ready = None
+        host = {"tokens": tokens, **extras}
+        if tokens.device.type == "cuda":
+            host = {k: torch.empty(v.shape, dtype=v.dtype, pin_memory=True).copy_(v, non_blocking=True)
+                    for k, v in host.items()}
+            self._ready = torch.cuda.Event()
+            self._ready.record()
+        self._host = host
+
+    def result(self) -> SampleResult:
+        if self._ready is not None:
+            self._ready.synchronize()  # waits for this step's copy only, not for work queued after it
+        h = self._host
+        token_list = h["tokens"].tolist()
+        if "chosen" not in h:
+            return SampleResult(token_list)
+        top_ids, top_vals = h["top_ids"].tolist(), h["top_vals"].tolist()
+        top = [None if not k else list(zip(top_ids[i][:k], top_vals[i][:k])) for i, k in enumerate(self._num_top)]
+        return SampleResult(token_list, h["chosen"].tolist(), h["ranks"].tolist(), top)
+
+
 def make_generator(seed: int, device: torch.device) -> torch.Generator:
     return torch.Generator(device=device).manual_seed(seed)
 
@@ -42,7 +70,7 @@ class Sampler:
         self.device = device
         self.generator = make_generator(seed, device)
 
-    def __call__(self, logits: torch.Tensor, batch: SamplingBatch) -> SampleResult:
+    def __call__(self, logits: torch.Tensor, batch: SamplingBatch) -> PendingSample:
         params = batch.params
         want_logprobs = any(p.logprobs is not None for p in params)
         raw_logprobs = torch.log_softmax(logits.float(), dim=-1) if want_logprobs else None
@@ -50,10 +78,9 @@ class Sampler:
             tokens = logits.argmax(dim=-1)  # the common fast path: one kernel, no softmax
         else:
             tokens = self._sample(self._process(logits.float().clone(), batch), batch)
-        token_list = tokens.tolist()
         if raw_logprobs is None:
-            return SampleResult(token_list)
-        return self._logprobs(raw_logprobs, tokens, token_list, params)
+            return PendingSample(tokens, {}, [])
+        return PendingSample(tokens, self._logprobs(raw_logprobs, tokens, params), [p.logprobs for p in params])
 
     # ---------------------------------------------------------------- logits processing
     def _process(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
@@ -65,10 +92,9 @@ class Sampler:
                 logits[i, batch.stop_ids_to_block[i]] = float("-inf")
         temps = torch.tensor([max(p.temperature, _GREEDY_EPS) for p in batch.params], device=logits.device)
         logits = logits / temps.unsqueeze(1)
-        top_k = [p.top_k for p in batch.params]
-        if any(k > 0 for k in top_k):
-            logits = apply_top_k(logits, torch.tensor([k if k > 0 else logits.shape[1] for k in top_k],
-                                                      device=logits.device))
+        top_k = [p.top_k if p.top_k > 0 else logits.shape[1] for p in batch.params]
+        if any(p.top_k > 0 for p in batch.params):
+            logits = apply_top_k(logits, torch.tensor(top_k, device=logits.device), max(top_k))
         if any(p.top_p < 1.0 for p in batch.params):
             logits = apply_top_p(logits, torch.tensor([p.top_p for p in batch.params], device=logits.device))
         if any(p.min_p > 0.0 for p in batch.params):
@@ -87,19 +113,12 @@ class Sampler:
         return torch.where(greedy, logits.argmax(dim=-1), sampled)
 
     # ---------------------------------------------------------------- logprobs
-    def _logprobs(self, raw: torch.Tensor, tokens: torch.Tensor, token_list: list[int],
-                  params: list[SamplingParams]) -> SampleResult:
+    @staticmethod
+    def _logprobs(raw: torch.Tensor, tokens: torch.Tensor, params: list[SamplingParams]) -> dict[str, torch.Tensor]:
         chosen = raw.gather(1, tokens.unsqueeze(1)).squeeze(1)
         ranks = (raw > chosen.unsqueeze(1)).sum(dim=1) + 1
-        k = max((p.logprobs or 0) for p in params)
-        top_vals, top_ids = raw.topk(k, dim=-1) if k else (None, None)
-        top = []
-        for i, p in enumerate(params):
-            if not p.logprobs:
-                top.append(None)
-            else:
-                top.append(list(zip(top_ids[i, :p.logprobs].tolist(), top_vals[i, :p.logprobs].tolist())))
-        return SampleResult(token_list, chosen.tolist(), ranks.tolist(), top)
+        top_vals, top_ids = raw.topk(max((p.logprobs or 0) for p in params), dim=-1)
+        return {"chosen": chosen, "ranks": ranks, "top_ids": top_ids, "top_vals": top_vals}
 
 
 def _has_penalty(p: SamplingParams) -> bool:
@@ -132,9 +151,10 @@ def apply_penalties(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     return logits - freq * out_counts - pres * (out_counts > 0).float()
 
 
-def apply_top_k(logits: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """Keep each row's k largest logits (ties at the threshold are kept)."""
-    max_k = int(k.max().item())
+def apply_top_k(logits: torch.Tensor, k: torch.Tensor, max_k: int | None = None) -> torch.Tensor:
+    """Keep each row's k largest logits (ties at the threshold are kept). Give max_k (the largest
+    k) to spare a device sync."""
+    max_k = int(k.max().item()) if max_k is None else max_k
     top = logits.topk(max_k, dim=-1).values
     threshold = top.gather(1, (k - 1).clamp(min=0).unsqueeze(1))
     return logits.masked_fill(logits < threshold, float("-inf"))

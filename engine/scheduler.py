@@ -50,7 +50,7 @@ class Scheduler:
 
     def schedule(self) -> ScheduledBatch:
         budget = self.max_num_batched_tokens
-        scheduled: dict[tuple, int] = {}
+        scheduled: dict[Sequence, int] = {}  # keyed by identity: cheaper than building an id each step
         preempted: list[Sequence] = []
         block_size = self.block_manager.block_size
         for seq in list(self.running):
@@ -61,14 +61,14 @@ class Scheduler:
                 continue
             if num_new == 1 and seq.num_computed_tokens % block_size and not self.block_manager.enable_prefix_caching:
                 # Decode fast path: the new token's slot is in the sequence's last, partly filled block.
-                scheduled[seq.seq_id] = 1
+                scheduled[seq] = 1
                 budget -= 1
                 continue
             if not self._make_room(seq, num_new, scheduled, preempted):
                 continue  # seq itself was preempted
             self.block_manager.allocate(seq, num_new)
             self.block_manager.register_full_blocks(seq, seq.num_computed_tokens + num_new)
-            scheduled[seq.seq_id] = num_new
+            scheduled[seq] = num_new
             budget -= num_new
         if not preempted:  # as vLLM: admit nothing new in a step that had to preempt
             budget = self._admit_waiting(budget, scheduled)
@@ -80,7 +80,7 @@ class Scheduler:
         while not self.block_manager.can_allocate(seq, num_new):
             victim = self.running[-1]
             self._preempt(victim)
-            scheduled.pop(victim.seq_id, None)
+            scheduled.pop(victim, None)
             preempted.append(victim)
             if victim is seq:
                 return False
@@ -108,7 +108,7 @@ class Scheduler:
             if seq.first_scheduled_time is None:
                 seq.first_scheduled_time = time.monotonic()
             self.running.append(seq)
-            scheduled[seq.seq_id] = num_new
+            scheduled[seq] = num_new
             budget -= num_new
         return budget
 
@@ -126,11 +126,14 @@ class Scheduler:
         self.num_preemptions += 1
 
     def _batch(self, scheduled: dict, preempted: list) -> ScheduledBatch:
-        seqs = [s for s in self.running if s.seq_id in scheduled]
-        decodes = [s for s in seqs if scheduled[s.seq_id] == 1]
-        prefills = [s for s in seqs if scheduled[s.seq_id] > 1]
-        ordered = decodes + prefills
-        return ScheduledBatch(seqs=ordered, num_new_tokens=[scheduled[s.seq_id] for s in ordered],
+        decodes, prefills = [], []
+        for seq in self.running:  # running order: oldest first within each group
+            n = scheduled.get(seq)
+            if n == 1:
+                decodes.append(seq)
+            elif n:
+                prefills.append(seq)
+        return ScheduledBatch(seqs=decodes + prefills, num_new_tokens=[1] * len(decodes) + [scheduled[s] for s in prefills],
                               num_decode_seqs=len(decodes), preempted=preempted)
 
     def finish(self, seq: Sequence, reason: str) -> None:

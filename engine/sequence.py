@@ -23,6 +23,7 @@ class Sequence:
                  arrival_time: float, generator: torch.Generator | None, detokenizer):
         self.request_id = request_id
         self.index = index  # which of the request's n samples
+        self.seq_id = (request_id, index)
         self.token_ids = list(prompt_token_ids)
         self.num_prompt_tokens = len(prompt_token_ids)
         self.params = params
@@ -35,6 +36,7 @@ class Sequence:
         self.block_table: list[int] = []
         self.block_hashes: list[int] = []  # prefix-cache hash chain of its full, computed blocks
         self.num_computed_tokens = 0
+        self.pending_row: int | None = None  # newest token still on the device: its row there
         self.num_cached_tokens = 0  # prompt tokens served by the prefix cache at first admission
         self.logprobs: list[dict[int, Logprob]] = []
         self.cumulative_logprob = 0.0
@@ -43,10 +45,6 @@ class Sequence:
         self.first_scheduled_time: float | None = None
         self.first_token_time: float | None = None
         self.num_preemptions = 0
-
-    @property
-    def seq_id(self) -> tuple[str, int]:
-        return (self.request_id, self.index)
 
     def __len__(self) -> int:
         return len(self.token_ids)

@@ -91,6 +91,10 @@ class BenchResult(BaseModel):
 
 
 def git_commit(cwd: str | Path | None = None) -> str:
+    """This checkout's commit; PAGEDBENCH_COMMIT names it where the tree was copied without .git
+    (the GPU machine gets a copy of the working tree)."""
+    if os.environ.get("PAGEDBENCH_COMMIT"):
+        return os.environ["PAGEDBENCH_COMMIT"]
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd or Path(__file__).parent, text=True,
                              capture_output=True, timeout=5)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import math
 import shlex
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,9 +38,19 @@ def make_storage(url: str):
         from optuna.storages.journal import JournalFileBackend
 
         return JournalStorage(JournalFileBackend(url.removeprefix("journal:")))
-    with warnings.catch_warnings():  # heartbeats are marked experimental, and are what we want
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        return RDBStorage(url, heartbeat_interval=10, grace_period=60)
+    import sqlalchemy.exc
+
+    for attempt in range(5):
+        try:
+            with warnings.catch_warnings():  # heartbeats are marked experimental, and are what we want
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return RDBStorage(url, heartbeat_interval=10, grace_period=60)
+        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError):
+            # Workers started together on an empty database race to create Optuna's tables; the
+            # loser sees "already exists". The schema is there now: connect again.
+            if attempt == 4:
+                raise
+            time.sleep(0.5 + attempt)
 
 
 def make_sampler(study: StudyFile):
