@@ -46,12 +46,14 @@ NUM_SMS_TARGET = 264  # about two programs per SM of an H100; more splits than t
 
 
 if triton is not None:
-    @triton.jit
+    # Values that change from step to step are not specialised on: each new value would compile a
+    # new kernel (about a second) in the middle of a run.
+    @triton.jit(do_not_specialize=["stride_bt", "num_splits", "partition"])
     def _decode_partial_kernel(q_ptr, k_ptr, v_ptr, tables_ptr, lens_ptr, m_ptr, l_ptr, acc_ptr,
                                stride_qs, stride_qh, stride_kt, stride_kh, stride_bt, scale, group,
-                               num_splits, num_heads,
+                               num_splits, num_heads, partition,
                                BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_G: tl.constexpr,
-                               BLOCK_N: tl.constexpr, PARTITION: tl.constexpr, PRECISION: tl.constexpr):
+                               BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
         """One program: sequence s, KV head kh, partition p of the context, all query heads of the group.
         Each K/V row is read once for the whole group (GQA), and the partition's partial softmax state
         (max, sum, weighted values) goes to scratch buffers for the reduce kernel."""
@@ -65,8 +67,8 @@ if triton is not None:
         q = tl.load(q_ptr + s * stride_qs + heads[:, None] * stride_qh + offs_d[None, :], mask=mask_g[:, None],
                     other=0.0)
         ctx = tl.load(lens_ptr + s)
-        start = p * PARTITION
-        end = tl.minimum(start + PARTITION, ctx)
+        start = p * partition
+        end = tl.minimum(start + partition, ctx)
         m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_G], tl.float32)
         acc = tl.zeros([BLOCK_G, HEAD_DIM], tl.float32)
@@ -90,7 +92,7 @@ if triton is not None:
         tl.store(l_ptr + state, l_i, mask=mask_g)
         tl.store(acc_ptr + state[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=mask_g[:, None])
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["num_splits"])
     def _decode_reduce_kernel(m_ptr, l_ptr, acc_ptr, out_ptr, stride_os, stride_oh, num_splits, num_heads,
                               HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr):
         s = tl.program_id(0)
@@ -138,9 +140,9 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     precision = "ieee" if q.dtype == torch.float32 else "tf32"
     _decode_partial_kernel[(num_seqs, num_kv_heads, num_splits)](
         q, k_cache, v_cache, block_tables, context_lens, m, l_sum, acc, q.stride(0), q.stride(1),
-        k_cache.stride(1), k_cache.stride(2), block_tables.stride(0), scale, group, num_splits, num_heads,
+        k_cache.stride(1), k_cache.stride(2), block_tables.stride(0), scale, group, num_splits, num_heads, partition,
         BLOCK_SIZE=block_size, HEAD_DIM=head_dim, BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n,
-        PARTITION=partition, PRECISION=precision, num_warps=4)
+        PRECISION=precision, num_warps=4)
     _decode_reduce_kernel[(num_seqs, num_heads)](m, l_sum, acc, out, out.stride(0), out.stride(1), num_splits,
                                                  num_heads, HEAD_DIM=head_dim,
                                                  BLOCK_S=triton.next_power_of_2(num_splits), num_warps=4)

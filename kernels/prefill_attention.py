@@ -39,7 +39,7 @@ except ImportError:  # CPU-only installs use the references
     triton = None
 
 if triton is not None:
-    @triton.jit
+    @triton.jit(do_not_specialize=["stride_bt"])  # the table width changes every step: no recompiles
     def _prefill_kernel(q_ptr, k_ptr, v_ptr, out_ptr, tables_ptr, cu_ptr, lens_ptr, stride_qt, stride_qh,
                         stride_ot, stride_oh, stride_kt, stride_kh, stride_bt, scale, group,
                         BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
