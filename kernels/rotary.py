@@ -24,10 +24,8 @@ except ImportError:  # CPU-only installs use the references
 
 if triton is not None:
     @triton.jit
-    def _rotary_kernel(pos_ptr, x_ptr, out_ptr, cos_ptr, sin_ptr, stride_xt, stride_xh, heads,
-                       HALF: tl.constexpr, BLOCK_H: tl.constexpr):
-        token = tl.program_id(0)
-        pos = tl.load(pos_ptr + token)
+    def _rotate_heads(token, pos, x_ptr, out_ptr, cos_ptr, sin_ptr, stride_xt, stride_xh, heads,
+                      HALF: tl.constexpr, BLOCK_H: tl.constexpr):
         offs_h = tl.arange(0, BLOCK_H)
         offs_d = tl.arange(0, HALF)
         mask = (offs_h < heads)[:, None]
@@ -42,18 +40,28 @@ if triton is not None:
         tl.store(out_ptr + out, o1.to(x1.dtype), mask=mask)
         tl.store(out_ptr + out + HALF, o2.to(x1.dtype), mask=mask)
 
-
-def _rotate(positions: torch.Tensor, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    tokens, heads, dim = x.shape
-    out = torch.empty((tokens, heads, dim), dtype=x.dtype, device=x.device)
-    if tokens:
-        assert x.stride(2) == 1
-        _rotary_kernel[(tokens,)](positions, x, out, cos, sin, x.stride(0), x.stride(1), heads, HALF=dim // 2,
-                                  BLOCK_H=triton.next_power_of_2(heads))
-    return out
+    @triton.jit
+    def _rotary_kernel(pos_ptr, q_ptr, k_ptr, q_out_ptr, k_out_ptr, cos_ptr, sin_ptr, stride_qt, stride_qh,
+                       stride_kt, stride_kh, q_heads, k_heads, HALF: tl.constexpr, BLOCK_H: tl.constexpr):
+        """Program (token, 0) rotates the token's query heads, (token, 1) its key heads: one launch."""
+        token = tl.program_id(0)
+        pos = tl.load(pos_ptr + token)
+        if tl.program_id(1) == 0:
+            _rotate_heads(token, pos, q_ptr, q_out_ptr, cos_ptr, sin_ptr, stride_qt, stride_qh, q_heads, HALF, BLOCK_H)
+        else:
+            _rotate_heads(token, pos, k_ptr, k_out_ptr, cos_ptr, sin_ptr, stride_kt, stride_kh, k_heads, HALF, BLOCK_H)
 
 
 def rotary_embedding(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_cache: torch.Tensor,
                      sin_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Triton version of rotary_ref: one program per token rotates all its heads."""
-    return _rotate(positions, q, cos_cache, sin_cache), _rotate(positions, k, cos_cache, sin_cache)
+    """Triton version of rotary_ref: queries and keys of every token in one launch."""
+    tokens, q_heads, dim = q.shape
+    k_heads = k.shape[1]
+    q_out = torch.empty((tokens, q_heads, dim), dtype=q.dtype, device=q.device)
+    k_out = torch.empty((tokens, k_heads, dim), dtype=k.dtype, device=k.device)
+    if tokens:
+        assert q.stride(2) == 1 and k.stride(2) == 1
+        _rotary_kernel[(tokens, 2)](positions, q, k, q_out, k_out, cos_cache, sin_cache, q.stride(0), q.stride(1),
+                                    k.stride(0), k.stride(1), q_heads, k_heads, HALF=dim // 2,
+                                    BLOCK_H=triton.next_power_of_2(max(q_heads, k_heads)))
+    return q_out, k_out

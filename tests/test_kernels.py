@@ -7,7 +7,7 @@ import torch
 
 triton = pytest.importorskip("triton")  # tests/conftest.py turns on its CPU interpreter when there is no GPU
 
-from kernels import kv_cache, paged_attention, prefill_attention, rmsnorm, rotary  # noqa: E402
+from kernels import activation, kv_cache, paged_attention, prefill_attention, rmsnorm, rotary  # noqa: E402
 
 ON_GPU = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1"
 DEVICE = "cuda" if ON_GPU else "cpu"
@@ -94,6 +94,16 @@ def test_rmsnorm_and_fused_add(hidden, dtype):
     ref_out, ref_sum = rmsnorm.fused_add_rmsnorm_ref(x, r, w, 1e-6)
     torch.testing.assert_close(out, ref_out, **tol)
     torch.testing.assert_close(summed, ref_sum, **tol)
+
+
+@pytest.mark.parametrize("rows,d", [(1, 8), (5, 100), (3, 1500)])  # d past one block, and odd
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_silu_and_mul(rows, d, dtype):
+    x = (torch.randn(rows, 2 * d) * 4).to(dtype).to(DEVICE)
+    expected = activation.silu_and_mul_ref(x)
+    # bf16: within one rounding step (the interpreter rounds conversions toward zero, the GPU to nearest).
+    tol = {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 1e-3, "rtol": 1.6e-2}
+    torch.testing.assert_close(activation.silu_and_mul(x), expected, **tol)
 
 
 @pytest.mark.parametrize("head_dim,heads,kv_heads", [(32, 4, 2), (64, 7, 1), (128, 3, 3)])

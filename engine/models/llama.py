@@ -7,6 +7,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from kernels import activation
 from engine.layers.attention import Attention, AttentionMetadata
 from engine.layers.linear import Linear
 from engine.layers.norm import RMSNorm
@@ -50,8 +51,9 @@ class MLP(nn.Module):
         self.down_proj = Linear(inter, [config.hidden_size], bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        gate_up = self.gate_up_proj(x)
+        act = activation.silu_and_mul if gate_up.is_cuda else activation.silu_and_mul_ref
+        return self.down_proj(act(gate_up))
 
 
 class DecoderLayer(nn.Module):
