@@ -308,6 +308,11 @@ class LLMEngine:
                              finished=request.finished, num_cached_tokens=request.seqs[0].num_cached_tokens,
                              metrics=request.metrics)
 
+    def shutdown(self) -> None:
+        """Free the device memory; the engine cannot step afterwards."""
+        self._pending = None
+        self.runner.release()
+
     # ---------------------------------------------------------------- stats
     def get_stats(self) -> EngineStats:
         bm = self.block_manager

@@ -54,6 +54,16 @@ class ModelRunner:
         for i, attn in enumerate(self.model.attention_layers()):
             attn.k_cache, attn.v_cache = caches[i] if caches else (empty, empty)
 
+    def release(self) -> None:
+        """Drop the KV cache, the CUDA graphs and the weights, so the device memory can be reused in
+        this process (by a baseline, say) even while something still refers to the engine."""
+        self._bind_cache([])
+        self.graphs, self.graph_bufs, self.graph_hidden = {}, None, None
+        self.model = None
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+
     # ---------------------------------------------------------------- inputs
     def prepare(self, batch: ScheduledBatch, prev_tokens: torch.Tensor | None = None) -> StepInputs:
         """Flatten the batch. `prev_tokens` holds the previous step's sampled tokens on the device:

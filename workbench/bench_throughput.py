@@ -200,7 +200,8 @@ def run_throughput(args: argparse.Namespace, progress: bool = True) -> BenchResu
                                 max_num_batched_tokens=config.max_num_batched_tokens,
                                 max_num_seqs=config.max_num_seqs, prefix_sharing=config.enable_prefix_caching)
         model_dir = engine.model_dir
-        del llm, engine, outs  # free the device before transformers loads
+        engine.shutdown()  # free the device before transformers loads
+        del llm, engine, outs
         subset = prompts[:args.baseline_num_prompts] if args.baseline_num_prompts else prompts
         extra["baseline"] = _run_baseline(model_dir, subset, warmup, output_lens[0], config, limits)
         extra["baseline"]["num_prompts"] = len(subset)
