@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 
 import torch
 import triton
 
-from kernels import paged_attention, prefill_attention, rmsnorm, rotary
+from kernels import activation, paged_attention, prefill_attention, rmsnorm, rotary
 
 
 def median_ms(fn) -> float:
@@ -76,13 +77,17 @@ def main() -> None:
     k = torch.randn(8192, 4, 128, device="cuda", dtype=torch.bfloat16)
     pos = torch.randint(0, 32768, (8192,), device="cuda")
     rope_ms = median_ms(lambda: rotary.rotary_embedding(pos, q, k, cos, cos))
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    gate_up = torch.randn(8192, 2 * 18944, device="cuda", dtype=torch.bfloat16)
+    silu_ms = median_ms(lambda: activation.silu_and_mul(gate_up))
+    commit = os.environ.get("PAGEDBENCH_COMMIT") or subprocess.run(  # the GPU machine's copy has no .git
+        ["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
     result = {"commit": commit, "device": torch.cuda.get_device_name(), "command": "python -m kernels.bench",
               "torch": torch.__version__, "triton": triton.__version__, "copy_bandwidth_GBps": bandwidth / 1e9,
               "decode": decode, "prefill": [prefill_case(8, 512, 28, 4, 128), prefill_case(4, 2048, 14, 2, 64)],
               "fused_add_rmsnorm_8192x3584_ms": norm_ms,
               "fused_add_rmsnorm_GBps": 4 * x.numel() * 2 / (norm_ms / 1e3) / 1e9,
-              "rotary_8192_tokens_7b_ms": rope_ms}
+              "rotary_8192_tokens_7b_ms": rope_ms, "silu_and_mul_8192x18944_ms": silu_ms,
+              "silu_and_mul_GBps": 1.5 * gate_up.numel() * 2 / (silu_ms / 1e3) / 1e9}
     print(json.dumps(result, indent=2))
     with open(args.out, "w") as f:
         json.dump(result, f, indent=2)
