@@ -15,6 +15,7 @@ from workbench.loadgen.arrivals import arrival_times
 from workbench.loadgen.config import ServeBenchConfig
 from workbench.loadgen.metrics import aggregate, meets_slos
 from workbench.loadgen.runner import run_serve_benchmark
+from workbench.loadgen.workers import peak_concurrency, shares
 from workbench.results import BenchResult, RequestRecord
 
 
@@ -88,6 +89,23 @@ def test_failed_requests_are_counted_and_the_run_goes_on(null_server):
     assert r.metrics["failed"] == 10 and r.metrics["completed"] == 20
     assert r.extra["errors"] == {"InternalServerError:500": 10}
     assert len(r.requests) == 30
+
+
+@pytest.mark.parametrize("cap,workers", [(6, 2), (5, 3)])
+def test_workers_share_one_run(null_server, cap, workers):
+    url = null_server("--delay-ms", "3")
+    r = run_serve_benchmark(ServeBenchConfig(base_url=url, model="null", num_prompts=40, input_len=4, output_len=6,
+                                             max_concurrency=cap, workers=workers), progress=False)
+    assert sorted(x.index for x in r.requests) == list(range(40)), "each request sent once, by one worker"
+    assert r.metrics["completed"] == 40 and r.metrics["total_output_tokens"] == 240
+    assert r.metrics["peak_concurrency"] == cap  # the cap is split, never exceeded
+
+
+def test_worker_helpers():
+    assert shares(5, 3) == [2, 2, 1] and sum(shares(64, 2)) == 64
+    records = [RequestRecord(index=i, start_time=s, e2el=d, success=True) for i, (s, d) in
+               enumerate([(0.0, 1.0), (0.5, 1.0), (1.0, 0.2), (3.0, 0.1)])]
+    assert peak_concurrency(records) == 2  # the first ends as the third starts
 
 
 def test_rate_limited_run_takes_its_time(null_server):

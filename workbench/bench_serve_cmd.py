@@ -83,6 +83,8 @@ def serve(base_url: str = typer.Option("http://127.0.0.1:8000", help="server roo
           request_rate: str = typer.Option("inf", help="requests/s; 'inf', or a comma list for a sweep"),
           burstiness: float = typer.Option(1.0, help="gamma shape of arrival gaps: 1 = Poisson"),
           max_concurrency: int = typer.Option(None), ignore_eos: bool = False, seed: int = 0,
+          workers: int = typer.Option(1, help="client processes sharing the run (one tops out at a few hundred "
+                                              "req/s; see `workbench bench ceiling`)"),
           warmup: int = typer.Option(0, help="requests sent first and not measured"),
           duration: float = typer.Option(None, help="stop sending new requests after S seconds"),
           goodput: list[str] = typer.Option(None, help="SLO as KEY:MS (ttft, tpot, e2el); repeatable"),
@@ -101,7 +103,7 @@ def serve(base_url: str = typer.Option("http://127.0.0.1:8000", help="server roo
             dataset_path=dataset_path, num_prompts=num_prompts, input_len=input_len, output_len=output_len,
             range_ratio=range_ratio, prefix_len=prefix_len, num_prefixes=num_prefixes, request_rate=rates[0],
             burstiness=burstiness, max_concurrency=max_concurrency, ignore_eos=ignore_eos, seed=seed, warmup=warmup,
-            duration=duration, goodput=parse_goodput(goodput or []), tokenizer=tokenizer, label=label)
+            workers=workers, duration=duration, goodput=parse_goodput(goodput or []), tokenizer=tokenizer, label=label)
     except (ValidationError, ValueError) as exc:
         fail(_first_error(exc), 2)
     try:
@@ -136,6 +138,7 @@ def _first_error(exc: Exception) -> str:
 
 def ceiling(num_prompts: int = typer.Option(3000, help="requests per run"),
             max_concurrency: int = typer.Option(64), repeats: int = typer.Option(3),
+            workers: int = typer.Option(2, help="client processes (bench serve --workers)"),
             output_json: Path = typer.Option(None, help="write the measurement here")) -> None:
     """The load generator's own ceiling against a server that does no compute: requests/s with 8-token
     replies, streamed tokens/s with 64-token replies; medians over repeats."""
@@ -153,7 +156,7 @@ def ceiling(num_prompts: int = typer.Option(3000, help="requests per run"),
             for name, output_len in profiles.items():
                 config = ServeBenchConfig(base_url=f"http://127.0.0.1:{port}", model="null", num_prompts=num_prompts,
                                           input_len=8, output_len=output_len, max_concurrency=max_concurrency,
-                                          label=f"ceiling-{name}-{i}")
+                                          workers=workers, label=f"ceiling-{name}-{i}")
                 r = run_serve_benchmark(config, progress=False)
                 runs[name].append({k: r.metrics[k] for k in ("request_throughput", "output_throughput", "failed",
                                                             "median_itl_ms", "p99_itl_ms")})
@@ -169,6 +172,7 @@ def ceiling(num_prompts: int = typer.Option(3000, help="requests per run"),
 
     result = {"commit": collect_environment().commit, "device": "cpu (the load generator's host)",
               "command": " ".join(sys.argv), "cpu_cores": _cores(), "max_concurrency": max_concurrency,
+              "workers": workers,
               "runs": runs, "median_request_throughput": median("requests", "request_throughput"),
               "median_streamed_tokens_per_s": median("tokens", "output_throughput"),
               "note": "the null server shares the same cores as the client"}

@@ -44,6 +44,24 @@ def error_type(exc: BaseException) -> str:
     return type(exc).__name__
 
 
+async def _events(http_response):
+    """The stream's JSON events, parsed from raw bytes: cheaper than decoding text and splitting it
+    into lines first, which matters at tens of thousands of events a second. Ends at [DONE]."""
+    pending = b""
+    async for data in http_response.aiter_bytes():
+        pending += data
+        *lines, pending = pending.split(b"\n")
+        for line in lines:
+            if not line.startswith(b"data:"):
+                continue  # blank separators, comments, event names
+            payload = line[5:].strip()
+            if payload == b"[DONE]":
+                return
+            yield loads(payload)
+    if pending.startswith(b"data:") and pending[5:].strip() not in (b"", b"[DONE]"):
+        yield loads(pending[5:].strip())
+
+
 async def send_request(client: openai.AsyncOpenAI, config: ServeBenchConfig, request: SampleRequest,
                        index: int, run_start: float, scheduled: float | None) -> RequestRecord:
     extra = dict(config.extra_body)
@@ -65,13 +83,7 @@ async def send_request(client: openai.AsyncOpenAI, config: ServeBenchConfig, req
         else:
             ctx = client.completions.with_streaming_response.create(prompt=request.prompt, **common)
         async with ctx as response:
-            async for line in response.iter_lines():
-                if not line.startswith("data:"):
-                    continue
-                data = line[5:].strip()
-                if data == "[DONE]":
-                    break
-                obj = loads(data)
+            async for obj in _events(response.http_response):
                 if "error" in obj:
                     raise StreamError(str(obj["error"].get("message", obj["error"])))
                 if obj.get("usage"):

@@ -26,6 +26,7 @@ class ServeBenchConfig(BaseModel):
     request_rate: float = math.inf  # requests per second; inf sends everything at once
     burstiness: float = Field(1.0, gt=0.0)  # gamma shape: 1 = Poisson, < 1 burstier, > 1 more regular
     max_concurrency: int | None = Field(None, ge=1)
+    workers: int = Field(1, ge=1)  # client processes; one event loop tops out at a few hundred req/s
     ignore_eos: bool = False
     seed: int = 0
     warmup: int = Field(0, ge=0)

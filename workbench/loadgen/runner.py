@@ -16,6 +16,7 @@ from workbench.loadgen.arrivals import arrival_times
 from workbench.loadgen.client import make_client, send_request
 from workbench.loadgen.config import ServeBenchConfig
 from workbench.loadgen.metrics import aggregate
+from workbench.loadgen.workers import peak_concurrency, run_in_workers
 from workbench.results import BenchResult, collect_environment
 
 LAG_WARN_S = 0.05
@@ -98,7 +99,7 @@ def _tokenizer_dir(name: str) -> str:
         raise ValueError(f"--tokenizer {name!r} is not a directory") from None
 
 
-async def _lag_monitor(stop: asyncio.Event, warnings: list[str]) -> None:
+async def lag_monitor(stop: asyncio.Event, warnings: list[str]) -> None:
     """Warn when the event loop falls behind (the client would then distort the measurement)."""
     last_warn = 0.0
     while not stop.is_set():
@@ -126,7 +127,7 @@ async def arun_serve_benchmark(config: ServeBenchConfig, progress: bool = True) 
     late = 0
     warnings: list[str] = []
     stop = asyncio.Event()
-    monitor = asyncio.create_task(_lag_monitor(stop, warnings))
+    monitor = asyncio.create_task(lag_monitor(stop, warnings))
     bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                    TextColumn("{task.fields[status]}"), TimeElapsedColumn(), console=console,
                    disable=not progress, refresh_per_second=4)
@@ -158,9 +159,24 @@ async def arun_serve_benchmark(config: ServeBenchConfig, progress: bool = True) 
                                            f"{out_tokens / elapsed:,.0f} out tok/s")
         return record
 
+    def show(done: int, tokens: int, errors: int) -> None:  # totals from the worker processes
+        elapsed = time.perf_counter() - start
+        bar.update(task, completed=done, status=f"failed {errors}, {tokens / elapsed:,.0f} out tok/s")
+
     with bar:
-        records = [r for r in await asyncio.gather(*(one(i, r) for i, r in enumerate(measured))) if r is not None]
-    duration = time.perf_counter() - start
+        if config.workers > 1:
+            stop.set()  # each worker watches its own event loop
+            records, late, worker_warnings = await asyncio.to_thread(run_in_workers, config, measured, times, cap,
+                                                                     show)
+            warnings += worker_warnings
+            peak = peak_concurrency(records)
+            # Workers start on a common clock a moment after `start`: time the run by its requests.
+            duration = max((r.start_time + (r.e2el or 0.0) for r in records), default=0.0) - min(
+                (r.start_time for r in records), default=0.0)
+        else:
+            records = [r for r in await asyncio.gather(*(one(i, r) for i, r in enumerate(measured)))
+                       if r is not None]
+            duration = time.perf_counter() - start
     stop.set()
     await monitor
     await client.close()
