@@ -99,6 +99,18 @@ def _tokenizer_dir(name: str) -> str:
         raise ValueError(f"--tokenizer {name!r} is not a directory") from None
 
 
+async def wait_for_turn(at: float, start: float, config: ServeBenchConfig) -> tuple[bool, bool]:
+    """Sleep until `at` seconds after `start`. Returns (send, late): send is False once --duration
+    has passed; late when a rate-limited request is already more than LAG_WARN_S behind."""
+    delay = at - (time.perf_counter() - start)
+    late = False
+    if delay > 0:
+        await asyncio.sleep(delay)
+    elif -delay > LAG_WARN_S and not math.isinf(config.request_rate):
+        late = True
+    return config.duration is None or time.perf_counter() - start <= config.duration, late
+
+
 async def lag_monitor(stop: asyncio.Event, warnings: list[str]) -> None:
     """Warn when the event loop falls behind (the client would then distort the measurement)."""
     last_warn = 0.0
@@ -138,12 +150,9 @@ async def arun_serve_benchmark(config: ServeBenchConfig, progress: bool = True) 
 
     async def one(i: int, request: SampleRequest):
         nonlocal in_flight, peak, late, out_tokens, failed
-        delay = times[i] - (time.perf_counter() - start)
-        if delay > 0:
-            await asyncio.sleep(delay)
-        elif -delay > LAG_WARN_S and not math.isinf(config.request_rate):
-            late += 1
-        if config.duration is not None and time.perf_counter() - start > config.duration:
+        send, was_late = await wait_for_turn(times[i], start, config)
+        late += was_late
+        if not send:
             return None
         async with semaphore:
             in_flight += 1

@@ -5,7 +5,6 @@ the shared monotonic clock; the parent gathers the records and drives the progre
 from __future__ import annotations
 
 import asyncio
-import math
 import multiprocessing as mp
 import queue as queue_mod
 import time
@@ -114,7 +113,7 @@ def _worker(config_dict, requests, indices, times, cap, start_at, go, inbox) -> 
 
 async def _send_share(config, requests, indices, times, cap, start_at, go, inbox) -> None:
     from workbench.loadgen.client import make_client, send_request
-    from workbench.loadgen.runner import LAG_WARN_S, lag_monitor
+    from workbench.loadgen.runner import lag_monitor, wait_for_turn
 
     client = make_client(config, connections=min(cap, 1024))
     worker_id = indices[0] % config.workers if indices else 0
@@ -129,12 +128,9 @@ async def _send_share(config, requests, indices, times, cap, start_at, go, inbox
 
     async def one(i: int, request: SampleRequest, at: float):
         nonlocal late
-        delay = at - (time.perf_counter() - start)
-        if delay > 0:
-            await asyncio.sleep(delay)
-        elif -delay > LAG_WARN_S and not math.isinf(config.request_rate):
-            late += 1
-        if config.duration is not None and time.perf_counter() - start > config.duration:
+        send, was_late = await wait_for_turn(at, start, config)
+        late += was_late
+        if not send:
             return None
         async with semaphore:
             record = await send_request(client, config, request, i, start, at)
