@@ -120,7 +120,8 @@ async def lag_monitor(stop: asyncio.Event, warnings: list[str]) -> None:
         lag = time.perf_counter() - t - 0.1
         if lag > LAG_WARN_S and time.perf_counter() - last_warn > 3:
             last_warn = time.perf_counter()
-            msg = f"client event loop lagged {lag * 1e3:.0f} ms: the load generator is near its limit (more --workers help)"
+            msg = (f"client event loop lagged {lag * 1e3:.0f} ms: the load generator is near its limit "
+                   "(more --workers help)")
             warnings.append(msg)
             console.print(f"[yellow]warning:[/] {msg}")
 
