@@ -133,7 +133,8 @@ class Scheduler:
                 decodes.append(seq)
             elif n:
                 prefills.append(seq)
-        return ScheduledBatch(seqs=decodes + prefills, num_new_tokens=[1] * len(decodes) + [scheduled[s] for s in prefills],
+        return ScheduledBatch(seqs=decodes + prefills,
+                              num_new_tokens=[1] * len(decodes) + [scheduled[s] for s in prefills],
                               num_decode_seqs=len(decodes), preempted=preempted)
 
     def finish(self, seq: Sequence, reason: str) -> None:
