@@ -9,11 +9,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 SLO_KEYS = ("ttft", "tpot", "e2el")
 
 
-class ServeBenchConfig(BaseModel):
+class LoadProfile(BaseModel):
+    """What load to send: shared by `bench serve` and a tuning study's workload."""
     model_config = ConfigDict(extra="forbid")
-    base_url: str
-    model: str
-    api_key: str | None = None
     endpoint: Literal["completions", "chat"] = "completions"
     dataset: Literal["random", "prefix-repeat", "sharegpt", "jsonl"] = "random"
     dataset_path: str | None = None
@@ -23,15 +21,31 @@ class ServeBenchConfig(BaseModel):
     range_ratio: float = Field(0.0, ge=0.0, lt=1.0)
     prefix_len: int = Field(0, ge=0)
     num_prefixes: int = Field(1, ge=1)
-    request_rate: float = math.inf  # requests per second; inf sends everything at once
     burstiness: float = Field(1.0, gt=0.0)  # gamma shape: 1 = Poisson, < 1 burstier, > 1 more regular
     max_concurrency: int | None = Field(None, ge=1)
-    workers: int = Field(1, ge=1)  # client processes; one event loop tops out at a few hundred req/s
-    ignore_eos: bool = False
     seed: int = 0
     warmup: int = Field(0, ge=0)
     duration: float | None = Field(None, gt=0)  # stop sending new requests after this many seconds
     goodput: dict[str, float] = Field(default_factory=dict)  # SLOs in ms: ttft, tpot, e2el
+
+    @field_validator("goodput")
+    @classmethod
+    def _known_slos(cls, v: dict[str, float]) -> dict[str, float]:
+        unknown = set(v) - set(SLO_KEYS)
+        if unknown:
+            raise ValueError(f"unknown SLO(s) {sorted(unknown)}; use {', '.join(SLO_KEYS)}")
+        if any(ms <= 0 for ms in v.values()):
+            raise ValueError("SLO thresholds must be positive milliseconds")
+        return v
+
+
+class ServeBenchConfig(LoadProfile):
+    base_url: str
+    model: str
+    api_key: str | None = None
+    request_rate: float = math.inf  # requests per second; inf sends everything at once
+    workers: int = Field(1, ge=1)  # client processes; one event loop tops out at a few hundred req/s
+    ignore_eos: bool = False
     tokenizer: str | None = None
     label: str = ""
     timeout: float = Field(600.0, gt=0)
@@ -42,16 +56,6 @@ class ServeBenchConfig(BaseModel):
     def _positive_rate(cls, v: float) -> float:
         if not v > 0:
             raise ValueError("request_rate must be positive (or inf)")
-        return v
-
-    @field_validator("goodput")
-    @classmethod
-    def _known_slos(cls, v: dict[str, float]) -> dict[str, float]:
-        unknown = set(v) - set(SLO_KEYS)
-        if unknown:
-            raise ValueError(f"unknown SLO(s) {sorted(unknown)}; use {', '.join(SLO_KEYS)}")
-        if any(ms <= 0 for ms in v.values()):
-            raise ValueError("SLO thresholds must be positive milliseconds")
         return v
 
 

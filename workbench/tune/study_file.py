@@ -8,6 +8,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from workbench.loadgen.config import LoadProfile
+
 STUDIES_DIR = Path(__file__).resolve().parents[2] / "studies"
 DEFAULT_STUDY = Path(__file__).with_name("default.toml")
 
@@ -63,28 +65,12 @@ class Constraint(BaseModel):
         return abs(v - self.value)
 
 
-class Workload(BaseModel):
+class Workload(LoadProfile):
     """A `bench serve` profile (the load generator's settings but base_url/model), or a `bench
     throughput` profile (offline, in a subprocess with the trial's engine flags)."""
-    model_config = ConfigDict(extra="forbid")
     type: Literal["serve", "throughput"] = "serve"
-    endpoint: Literal["completions", "chat"] = "completions"
-    dataset: Literal["random", "prefix-repeat", "sharegpt", "jsonl"] = "random"
-    dataset_path: str | None = None
-    num_prompts: int = Field(100, ge=1)
-    input_len: int = Field(256, ge=1)
-    output_len: int = Field(128, ge=1)
-    range_ratio: float = Field(0.0, ge=0.0, lt=1.0)
-    prefix_len: int = Field(0, ge=0)
-    num_prefixes: int = Field(1, ge=1)
     request_rate: float | Literal["inf"] = "inf"
-    burstiness: float = Field(1.0, gt=0.0)
-    max_concurrency: int | None = Field(None, ge=1)
     ignore_eos: bool = True
-    warmup: int = Field(0, ge=0)
-    duration: float | None = Field(None, gt=0)
-    goodput: dict[str, float] = Field(default_factory=dict)
-    seed: int = 0
 
 
 class StudyMeta(BaseModel):
