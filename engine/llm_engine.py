@@ -186,7 +186,7 @@ class LLMEngine:
             sample = self.sampler(logits, self._sampling_batch(inputs.sampled))
             for i, seq in enumerate(inputs.sampled):
                 if not seq.is_finished:
-                    seq.token_ids.append(PENDING_TOKEN)
+                    seq.append_token(PENDING_TOKEN)
                     seq.pending_row = i
             self._pending = PendingStep(inputs.sampled, sample)
         return outputs

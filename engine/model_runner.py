@@ -109,17 +109,17 @@ class ModelRunner:
         """One host buffer (pinned on CUDA) and one asynchronous copy for all of the step's
         integer inputs, so that preparing a step never waits for the device to drain."""
         sizes = [len(f) for f in fields]
+        n_flat = sum(sizes)
         width = max(len(seq.block_table) for seq in seqs)
-        flat = np.zeros(sum(sizes) + len(seqs) * width, dtype=np.int64)
-        flat[:sum(sizes)] = [x for f in fields for x in f]
-        tables = flat[sum(sizes):].reshape(len(seqs), width)
+        flat = np.zeros(n_flat + len(seqs) * width, dtype=np.int64)
+        flat[:n_flat] = [x for f in fields for x in f]
+        tables = flat[n_flat:].reshape(len(seqs), width)
         for row, seq in zip(tables, seqs):
             row[:len(seq.block_table)] = seq.block_table
         buf = torch.from_numpy(flat)
         if self.device.type == "cuda":
             buf = buf.pin_memory().to(self.device, non_blocking=True)
-        parts = list(buf[:sum(sizes)].split(sizes))
-        return parts + [buf[sum(sizes):].view(len(seqs), width).to(torch.int32)]
+        return list(buf[:n_flat].split(sizes)) + [buf[n_flat:].view(len(seqs), width).to(torch.int32)]
 
     # ---------------------------------------------------------------- run
     @torch.inference_mode()

@@ -41,7 +41,7 @@ def run_in_workers(config: ServeBenchConfig, requests: list[SampleRequest], time
     caps = shares(max(cap, n), n)
     inbox, go, start_at = ctx.Queue(), ctx.Event(), ctx.Value("d", 0.0)
     procs = [ctx.Process(target=_worker, daemon=True,
-                         args=(config.model_dump(), requests[k::n], list(range(k, len(requests), n)),
+                         args=(k, config.model_dump(), requests[k::n], list(range(k, len(requests), n)),
                                times[k::n], caps[k], start_at, go, inbox)) for k in range(n)]
     for p in procs:
         p.start()
@@ -96,7 +96,7 @@ def _collect(inbox, procs, n: int, on_progress):
     return records, late, warnings
 
 
-def _worker(config_dict, requests, indices, times, cap, start_at, go, inbox) -> None:
+def _worker(worker_id, config_dict, requests, indices, times, cap, start_at, go, inbox) -> None:
     try:
         config = ServeBenchConfig(**config_dict)
         try:
@@ -106,17 +106,16 @@ def _worker(config_dict, requests, indices, times, cap, start_at, go, inbox) -> 
         except ImportError:
             factory = None
         with asyncio.Runner(loop_factory=factory) as runner:
-            runner.run(_send_share(config, requests, indices, times, cap, start_at, go, inbox))
+            runner.run(_send_share(worker_id, config, requests, indices, times, cap, start_at, go, inbox))
     except BaseException as exc:  # noqa: BLE001 -- reported to the parent, which fails the run clearly
         inbox.put(("error", f"{type(exc).__name__}: {exc}"))
 
 
-async def _send_share(config, requests, indices, times, cap, start_at, go, inbox) -> None:
+async def _send_share(worker_id, config, requests, indices, times, cap, start_at, go, inbox) -> None:
     from workbench.loadgen.client import make_client, send_request
     from workbench.loadgen.runner import lag_monitor, wait_for_turn
 
     client = make_client(config, connections=min(cap, 1024))
-    worker_id = indices[0] % config.workers if indices else 0
     inbox.put(("ready",))
     await asyncio.to_thread(go.wait)
     start = start_at.value
