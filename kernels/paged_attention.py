@@ -46,6 +46,28 @@ NUM_SMS_TARGET = 264  # about two programs per SM of an H100; more splits than t
 
 
 if triton is not None:
+    @triton.jit
+    def load_kv_tile(k_ptr, v_ptr, tables_ptr, table_row, offs_n, mask_n, offs_d, kh, stride_kt, stride_kh,
+                     BLOCK_SIZE: tl.constexpr):
+        """K and V rows of context positions `offs_n` of one KV head, found through the sequence's
+        block table (which starts at `tables_ptr + table_row`)."""
+        block = tl.load(tables_ptr + table_row + offs_n // BLOCK_SIZE, mask=mask_n, other=0)
+        rows = (block.to(tl.int64) * BLOCK_SIZE + offs_n % BLOCK_SIZE) * stride_kt + kh * stride_kh
+        k = tl.load(k_ptr + rows[:, None] + offs_d[None, :], mask=mask_n[:, None], other=0.0)
+        v = tl.load(v_ptr + rows[:, None] + offs_d[None, :], mask=mask_n[:, None], other=0.0)
+        return k, v
+
+    @triton.jit
+    def online_softmax_step(qk, v, m_i, l_i, acc, PRECISION: tl.constexpr):
+        """Fold one tile of scores (-inf where masked) and its values into the running max, sum and
+        weighted values: flash attention's online softmax."""
+        m_new = tl.maximum(m_i, tl.max(qk, axis=1))
+        alpha = tl.exp(m_i - m_new)
+        prob = tl.exp(qk - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(prob, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(prob.to(v.dtype), v, input_precision=PRECISION)
+        return m_new, l_i, acc
+
     # Values that change from step to step are not specialised on: each new value would compile a
     # new kernel (about a second) in the middle of a run.
     @triton.jit(do_not_specialize=["stride_bt", "num_splits", "partition"])
@@ -75,18 +97,11 @@ if triton is not None:
         for n0 in range(start, end, BLOCK_N):
             offs_n = n0 + tl.arange(0, BLOCK_N)
             mask_n = offs_n < end
-            block = tl.load(tables_ptr + s * stride_bt + offs_n // BLOCK_SIZE, mask=mask_n, other=0)
-            rows = (block.to(tl.int64) * BLOCK_SIZE + offs_n % BLOCK_SIZE) * stride_kt + kh * stride_kh
-            k = tl.load(k_ptr + rows[:, None] + offs_d[None, :], mask=mask_n[:, None], other=0.0)
-            v = tl.load(v_ptr + rows[:, None] + offs_d[None, :], mask=mask_n[:, None], other=0.0)
+            k, v = load_kv_tile(k_ptr, v_ptr, tables_ptr, s * stride_bt, offs_n, mask_n, offs_d, kh, stride_kt,
+                                stride_kh, BLOCK_SIZE)
             qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
             qk = tl.where(mask_n[None, :], qk, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(qk, axis=1))
-            alpha = tl.exp(m_i - m_new)
-            prob = tl.exp(qk - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(prob, axis=1)
-            acc = acc * alpha[:, None] + tl.dot(prob.to(v.dtype), v, input_precision=PRECISION)
-            m_i = m_new
+            m_i, l_i, acc = online_softmax_step(qk, v, m_i, l_i, acc, PRECISION)
         state = (s * num_heads + heads) * num_splits + p
         tl.store(m_ptr + state, m_i, mask=mask_g)
         tl.store(l_ptr + state, l_i, mask=mask_g)

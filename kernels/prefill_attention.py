@@ -39,6 +39,8 @@ except ImportError:  # CPU-only installs use the references
     triton = None
 
 if triton is not None:
+    from kernels.paged_attention import load_kv_tile, online_softmax_step
+
     @triton.jit(do_not_specialize=["stride_bt"])  # the table width changes every step: no recompiles
     def _prefill_kernel(q_ptr, k_ptr, v_ptr, out_ptr, tables_ptr, cu_ptr, lens_ptr, stride_qt, stride_qh,
                         stride_ot, stride_oh, stride_kt, stride_kh, stride_bt, scale, group,
@@ -68,19 +70,12 @@ if triton is not None:
         for n0 in range(0, kv_end, BLOCK_N):
             offs_n = n0 + tl.arange(0, BLOCK_N)
             mask_n = offs_n < kv_end
-            block = tl.load(tables_ptr + s * stride_bt + offs_n // BLOCK_SIZE, mask=mask_n, other=0)
-            rows = (block.to(tl.int64) * BLOCK_SIZE + offs_n % BLOCK_SIZE) * stride_kt + kh * stride_kh
-            k = tl.load(k_ptr + rows[:, None] + offs_d[None, :], mask=mask_n[:, None], other=0.0)
-            v = tl.load(v_ptr + rows[:, None] + offs_d[None, :], mask=mask_n[:, None], other=0.0)
+            k, v = load_kv_tile(k_ptr, v_ptr, tables_ptr, s * stride_bt, offs_n, mask_n, offs_d, kh, stride_kt,
+                                stride_kh, BLOCK_SIZE)
             qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
             visible = mask_n[None, :] & (offs_n[None, :] <= q_pos[:, None])
             qk = tl.where(visible, qk, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(qk, axis=1))
-            alpha = tl.exp(m_i - m_new)
-            prob = tl.exp(qk - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(prob, axis=1)
-            acc = acc * alpha[:, None] + tl.dot(prob.to(v.dtype), v, input_precision=PRECISION)
-            m_i = m_new
+            m_i, l_i, acc = online_softmax_step(qk, v, m_i, l_i, acc, PRECISION)
         out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
         tl.store(out_ptr + (q_start + offs_m)[:, None] * stride_ot + h * stride_oh + offs_d[None, :],
                  out.to(out_ptr.dtype.element_ty), mask=mask_m[:, None])
