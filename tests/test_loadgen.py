@@ -155,3 +155,7 @@ def test_bad_options_exit_2(tmp_path):
     assert r.exit_code == 2 and "request-rate" in r.output
     r = CliRunner().invoke(app, ["bench", "serve", "--model", "m", "--goodput", "latency:5"])
     assert r.exit_code == 2 and "unknown SLO" in r.output
+    r = CliRunner().invoke(app, ["bench", "serve", "--model", "m", "--workers", "0"])
+    assert r.exit_code == 2 and "workers" in r.output
+    r = CliRunner().invoke(app, ["bench", "ceiling", "--workers", "0"])
+    assert r.exit_code == 2 and "workers" in r.output and "Traceback" not in r.output

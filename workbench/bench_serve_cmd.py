@@ -136,9 +136,9 @@ def _first_error(exc: Exception) -> str:
     return str(exc)
 
 
-def ceiling(num_prompts: int = typer.Option(3000, help="requests per run"),
-            max_concurrency: int = typer.Option(64), repeats: int = typer.Option(3),
-            workers: int = typer.Option(2, help="client processes (bench serve --workers)"),
+def ceiling(num_prompts: int = typer.Option(3000, min=1, help="requests per run"),
+            max_concurrency: int = typer.Option(64, min=1), repeats: int = typer.Option(3, min=1),
+            workers: int = typer.Option(2, min=1, help="client processes (bench serve --workers)"),
             output_json: Path = typer.Option(None, help="write the measurement here")) -> None:
     """The load generator's own ceiling against a server that does no compute: requests/s with 8-token
     replies, streamed tokens/s with 64-token replies; medians over repeats."""
