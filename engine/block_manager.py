@@ -132,6 +132,16 @@ class BlockManager:
         seq.block_table = []
         seq.block_hashes = []
 
+    def reset_prefix_cache(self) -> bool:
+        """Forget every cached block (vLLM's /reset_prefix_cache), so the next request starts cold.
+        Blocks in use keep their contents for their sequences but are no longer found by lookups."""
+        if not self.enable_prefix_caching:
+            return False
+        self.hash_to_block.clear()
+        for block_id in self.free_blocks:
+            self.blocks[block_id].hash, self.blocks[block_id].token_ids = NO_HASH, ()
+        return True
+
     def check_invariants(self, live_seqs: list[Sequence]) -> None:
         """For tests: ref counts equal the number of live block tables holding each block."""
         counts = [0] * self.num_blocks

@@ -49,3 +49,4 @@ class RequestOutput:
     num_cached_tokens: int = 0
     metrics: RequestMetrics | None = None
     lora_request: object | None = field(default=None, repr=False)
+    error: str | None = None  # the engine failed this request (its finish_reason is "error")

@@ -5,7 +5,6 @@ from enum import Enum, auto
 
 import torch
 
-from engine.outputs import Logprob
 from engine.sampling_params import SamplingParams
 
 
@@ -20,7 +19,7 @@ class Sequence:
     the scheduler feeds the rest (a prefill chunk, or the one newest token when decoding)."""
 
     def __init__(self, request_id: str, index: int, prompt_token_ids: list[int], params: SamplingParams,
-                 arrival_time: float, generator: torch.Generator | None, detokenizer):
+                 arrival_time: float, generator: torch.Generator | None):
         self.request_id = request_id
         self.index = index  # which of the request's n samples
         self.seq_id = (request_id, index)
@@ -29,17 +28,13 @@ class Sequence:
         self.params = params
         self.arrival_time = arrival_time
         self.generator = generator
-        self.detokenizer = detokenizer
-        self.detokenized_tokens = 0  # output tokens already handed to the detokenizer
-        self.stopped_on_token = False  # finished by EOS or a stop token id (whose text is not shown)
+        self.client_index = 0  # the API process that receives its outputs
         self.status = SequenceStatus.WAITING
         self.block_table: list[int] = []
         self.block_hashes: list[int] = []  # prefix-cache hash chain of its full, computed blocks
         self.num_computed_tokens = 0
         self.pending_row: int | None = None  # newest token still on the device: its row there
         self.num_cached_tokens = 0  # prompt tokens served by the prefix cache at first admission
-        self.logprobs: list[dict[int, Logprob]] = []
-        self.cumulative_logprob = 0.0
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None
         self.first_scheduled_time: float | None = None

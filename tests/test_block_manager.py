@@ -11,7 +11,7 @@ from engine.sequence import Sequence, SequenceStatus
 
 
 def make_seq(i, tokens, max_tokens=5):
-    return Sequence(str(i), 0, tokens, SamplingParams(max_tokens=max_tokens), 0.0, None, None)
+    return Sequence(str(i), 0, tokens, SamplingParams(max_tokens=max_tokens), 0.0, None)
 
 
 class FakeConfig:

@@ -31,6 +31,10 @@ def build_parser(prog: str = "workbench serve") -> argparse.ArgumentParser:
                    help="require 'Authorization: Bearer KEY' on /v1 routes (env: VLLM_API_KEY)")
     s.add_argument("--served-model-name", default=None)
     s.add_argument("--max-n", type=int, default=None, help="largest n a request may ask for (default max-num-seqs)")
+    s.add_argument("--api-server-count", type=_positive_int, default=1,
+                   help="API server processes on the one port, all feeding the one engine core")
+    s.add_argument("--max-waiting-requests", type=_non_negative_int, default=0,
+                   help="answer 429 when this many requests wait in the engine (0 = unlimited)")
     s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     add_engine_args(p)
     return p
@@ -65,7 +69,21 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     e.add_argument("--enable-lora", action="store_true")
 
 
-SERVER_ONLY = {"host", "port", "api_key", "max_n", "log_level"}
+SERVER_ONLY = {"host", "port", "api_key", "max_n", "log_level", "api_server_count", "max_waiting_requests"}
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
 
 
 def engine_config(args: argparse.Namespace, skip: set[str] = SERVER_ONLY) -> EngineConfig:

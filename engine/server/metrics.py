@@ -6,7 +6,7 @@ import time
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from engine.outputs import RequestOutput
+from engine.output_processor import RequestState
 
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0,
                 40.0, 80.0)
@@ -51,37 +51,51 @@ class StatsCollector:
 
 
 class ServerMetrics:
-    def __init__(self, model_name: str, stats_fn):
+    """Request histograms and counters, observed in the API process that serves each request, plus
+    the engine's gauges and counters from the core's latest stats.
+
+    With several API processes (`--api-server-count`), the request metrics go through Prometheus'
+    multiprocess mode (PROMETHEUS_MULTIPROC_DIR, set by the launcher), so a scrape of any process
+    sums all of them; the engine's figures come once, from the core's stats that every process holds.
+    """
+
+    def __init__(self, model_name: str, stats_fn, multiprocess: bool = False):
         self.registry = CollectorRegistry()
         self.model_name = model_name
         self.registry.register(StatsCollector(model_name, stats_fn))
+        target = self.registry
+        if multiprocess:
+            from prometheus_client import multiprocess as mp
+
+            mp.MultiProcessCollector(self.registry)
+            target = None  # written to the shared files, read back through the collector
         self.ttft = Histogram("vllm:time_to_first_token_seconds", "Time to first token.", ["model_name"],
-                              buckets=TTFT_BUCKETS, registry=self.registry).labels(model_name)
+                              buckets=TTFT_BUCKETS, registry=target).labels(model_name)
         self.itl = Histogram("vllm:inter_token_latency_seconds", "Time between tokens.", ["model_name"],
-                             buckets=ITL_BUCKETS, registry=self.registry).labels(model_name)
+                             buckets=ITL_BUCKETS, registry=target).labels(model_name)
         self.e2e = Histogram("vllm:e2e_request_latency_seconds", "End-to-end request latency.", ["model_name"],
-                             buckets=E2E_BUCKETS, registry=self.registry).labels(model_name)
+                             buckets=E2E_BUCKETS, registry=target).labels(model_name)
         self.success = Counter("vllm:request_success", "Finished requests by finish reason.",
-                               ["model_name", "finished_reason"], registry=self.registry)
-        for reason in ("stop", "length", "abort"):
+                               ["model_name", "finished_reason"], registry=target)
+        for reason in ("stop", "length", "abort", "error"):
             self.success.labels(model_name, reason)
         self._last_token: dict[str, tuple[float, int]] = {}  # request id -> (time, tokens so far)
 
-    def observe(self, out: RequestOutput) -> None:
-        """Called in the engine thread for each output of a request."""
+    def observe(self, states: list[RequestState]) -> None:
+        """Called once per engine step with the requests that moved in it."""
         now = time.monotonic()
-        tokens = sum(len(c.token_ids) for c in out.outputs)
-        last = self._last_token.get(out.request_id)
-        if last is None and tokens and out.metrics is not None:
-            self.ttft.observe(now - out.metrics.arrival_time)
-        elif last is not None and tokens > last[1]:
-            gap = (now - last[0]) / (tokens - last[1])
-            for _ in range(tokens - last[1]):
-                self.itl.observe(gap)
-        self._last_token[out.request_id] = (now, tokens)
-        if out.finished:
-            self._last_token.pop(out.request_id, None)
-            if out.metrics is not None:
-                self.e2e.observe(now - out.metrics.arrival_time)
-            for c in out.outputs:
-                self.success.labels(self.model_name, c.finish_reason or "abort").inc()
+        for state in states:
+            tokens = sum(len(s.token_ids) for s in state.samples)
+            last = self._last_token.get(state.request_id)
+            if last is None and tokens:
+                self.ttft.observe(now - state.metrics.arrival_time)
+            elif last is not None and tokens > last[1]:
+                gap = (now - last[0]) / (tokens - last[1])
+                for _ in range(tokens - last[1]):
+                    self.itl.observe(gap)
+            self._last_token[state.request_id] = (now, tokens)
+            if state.finished:
+                self._last_token.pop(state.request_id, None)
+                self.e2e.observe(now - state.metrics.arrival_time)
+                for sample in state.samples:
+                    self.success.labels(self.model_name, sample.finish_reason or "abort").inc()

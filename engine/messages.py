@@ -1,0 +1,87 @@
+"""What crosses the boundary between a front end (the API server processes, or LLMEngine offline)
+and the engine core: plain data, encoded with msgspec when it crosses a process boundary.
+
+The core sees one sequence per request (a request with n samples is fanned out into n core
+requests by the front end, as vLLM v1 does), works in token ids only, and answers each step with
+one batch holding every sequence's new token ids: no text, no per-request messages.
+"""
+from __future__ import annotations
+
+import msgspec
+
+from engine.sampling_params import SamplingParams
+
+
+class CoreRequest(msgspec.Struct, array_like=True, omit_defaults=True):
+    request_id: str
+    prompt_token_ids: list[int]
+    params: dict  # SamplingParams fields with n == 1 (the core rebuilds and re-checks them)
+    arrival_time: float
+    client_index: int = 0  # which API process gets the outputs
+
+    @staticmethod
+    def from_params(request_id: str, prompt_token_ids: list[int], params: SamplingParams, arrival_time: float,
+                    client_index: int = 0) -> CoreRequest:
+        fields = {k: v for k, v in params.__dict__.items() if k != "stop_list" and v != _DEFAULTS.get(k)}
+        fields.pop("stop", None)  # stop strings are the front end's job
+        return CoreRequest(request_id, prompt_token_ids, fields, arrival_time, client_index)
+
+    def sampling_params(self) -> SamplingParams:
+        return SamplingParams(**self.params)
+
+
+_DEFAULTS = SamplingParams().__dict__
+
+
+class TokenLogprobs(msgspec.Struct, array_like=True):
+    """The sampled token's logprob and rank, and the top-N (ids, logprobs) of the raw distribution."""
+    logprob: float
+    rank: int
+    top_ids: list[int]
+    top_logprobs: list[float]
+
+
+class CoreOutput(msgspec.Struct, array_like=True, omit_defaults=True):
+    request_id: str
+    new_token_ids: list[int]
+    finish_reason: str | None = None  # "stop" (EOS or a stop token id), "length", "abort" or an error
+    stop_reason: int | None = None  # the stop token id
+    logprobs: list[TokenLogprobs] | None = None  # one per new token, when the request asked
+    num_cached_tokens: int = 0
+    error: str | None = None  # the request failed inside the core (finish_reason is then "error")
+
+
+class EngineStats(msgspec.Struct, array_like=True):
+    num_running: int
+    num_waiting: int
+    kv_cache_usage: float
+    num_gpu_blocks: int
+    num_preemptions_total: int
+    prefix_cache_queries_total: int
+    prefix_cache_hits_total: int
+    prompt_tokens_total: int
+    generation_tokens_total: int
+    num_steps_total: int
+    scheduled_tokens_total: int
+
+
+class CoreOutputs(msgspec.Struct, array_like=True):
+    """One step's outputs for one client, with the engine's stats after the step."""
+    outputs: list[CoreOutput]
+    stats: EngineStats
+
+
+class CoreInfo(msgspec.Struct):
+    """What the core tells its clients once it is ready."""
+    model_dir: str
+    tokenizer_dir: str
+    max_model_len: int
+    vocab_size: int
+    max_logprobs: int
+    max_num_seqs: int
+    eos_token_ids: list[int]
+    stats: EngineStats
+
+
+# Input messages to the core: (kind byte, payload). Aborts carry a list of request ids.
+ADD, ABORT, RESET_PREFIX_CACHE, SHUTDOWN = b"A", b"X", b"R", b"S"
