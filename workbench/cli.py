@@ -21,6 +21,8 @@ bench_app.command("latency", context_settings=PASS_THROUGH)(latency)
 from workbench.bench_serve_cmd import ceiling, serve as bench_serve  # noqa: E402
 bench_app.command("serve")(bench_serve)
 bench_app.command("ceiling")(ceiling)
+from workbench.bench_compare import compare  # noqa: E402
+bench_app.command("compare", context_settings=PASS_THROUGH)(compare)
 from workbench.tune_cmd import tune  # noqa: E402
 app.command("tune")(tune)
 from workbench.gate_cmd import gate  # noqa: E402
