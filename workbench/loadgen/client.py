@@ -90,9 +90,10 @@ async def send_request(client: openai.AsyncOpenAI, config: ServeBenchConfig, req
                     usage = obj["usage"]
                 for choice in obj.get("choices") or ():
                     text = (choice.get("delta") or {}).get("content") if chat else choice.get("text")
-                    if text or (choice.get("finish_reason") and record.ttft is None):
-                        # A reply whose tokens are all invisible (e.g. skipped special tokens) still has a
-                        # first token: its final chunk.
+                    if text or not chat or (choice.get("finish_reason") and record.ttft is None):
+                        # As vLLM's bench serve: a completions chunk is a token arrival even when its text
+                        # is empty (a skipped special token, or bytes of a character not complete yet);
+                        # chat servers send no chunk for those, so there its final chunk is the first.
                         now = time.perf_counter()
                         if last is None:
                             record.ttft = now - start
