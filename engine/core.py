@@ -8,6 +8,7 @@ server processes when serving (engine/core_process.py). One core, either way.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass
 
@@ -59,6 +60,7 @@ class EngineCore:
         self._finished_outputs: list[CoreOutput] = []  # aborts and failures, reported with the next step
         self._pending: PendingStep | None = None
         self._counters = {"prompt_tokens": 0, "generation_tokens": 0, "steps": 0, "scheduled_tokens": 0}
+        self._faults = test_faults(os.environ.get("PAGEDBENCH_TEST_FAULTS", ""))
         log.info("engine ready in %.1f s: %s on %s, dtype %s, max_model_len %d, %d KV blocks, max_num_seqs %d, "
                  "max_num_batched_tokens %d, prefix caching %s, chunked prefill %s, CUDA graphs %s",
                  time.perf_counter() - start, self.model_dir, self.device, config.torch_dtype, config.max_model_len,
@@ -132,6 +134,7 @@ class EngineCore:
             return outputs + self._finish_pending()
         prev = self._pending
         try:
+            self._inject("step", batch.seqs)
             inputs, logits = self.runner.run(batch, prev.sample.tokens if prev else None)
         except Exception as exc:  # the step's requests fail; the engine goes on with the rest
             log.exception("model step failed for %d sequences", len(batch.seqs))
@@ -222,6 +225,7 @@ class EngineCore:
                              generators=[s.generator for s in seqs], stop_ids_to_block=blocked)
 
     def _append(self, seq: Sequence, row: int, result: SampleResult) -> CoreOutput:
+        self._inject("request", [seq])
         token = result.token_ids[row]
         seq.token_ids[-1] = token  # in place of the placeholder
         self._counters["generation_tokens"] += 1
@@ -253,6 +257,11 @@ class EngineCore:
             return "length", None
         return None, None
 
+    def _inject(self, where: str, seqs: list[Sequence]) -> None:
+        token = self._faults.get(where)
+        if token is not None and any(s.token_ids[0] == token for s in seqs):
+            raise RuntimeError(f"injected {where} fault (PAGEDBENCH_TEST_FAULTS)")
+
     def shutdown(self) -> None:
         """Free the device memory; the core cannot step afterwards."""
         self._pending = None
@@ -268,6 +277,18 @@ class EngineCore:
             prefix_cache_hits_total=bm.prefix_hits, prompt_tokens_total=self._counters["prompt_tokens"],
             generation_tokens_total=self._counters["generation_tokens"], num_steps_total=self._counters["steps"],
             scheduled_tokens_total=self._counters["scheduled_tokens"])
+
+
+def test_faults(spec: str) -> dict[str, int]:
+    """Fault injection for tests: "request:ID,step:ID" makes a sequence whose prompt starts with token
+    ID fail while its token is handled ("request"), or fail its whole model step ("step")."""
+    faults = {}
+    for item in filter(None, spec.split(",")):
+        where, _, token = item.partition(":")
+        if where not in ("request", "step") or not token.isdigit():
+            raise ValueError(f"PAGEDBENCH_TEST_FAULTS: {item!r} is not request:ID or step:ID")
+        faults[where] = int(token)
+    return faults
 
 
 def eos_token_ids(tokenizer, model_dir) -> set[int]:

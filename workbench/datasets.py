@@ -112,17 +112,28 @@ class PromptMaker:
     def _words(self, n: int, prefix: str) -> str:
         """Without a tokenizer: words, grown until the counter (a server's /tokenize, or ~4 chars per
         token) says n tokens."""
-        words = [self.rng.choice(self.WORDS) for _ in range(n)]
-        text = " " + " ".join(words)
+        words = [self.rng.choice(self.WORDS) for _ in range(2 * n)]
         if self.approximate:
-            return text[:n * CHARS_PER_TOKEN]
+            return (" " + " ".join(words))[:n * CHARS_PER_TOKEN]
         base = self.count(prefix) if prefix else 0
-        for _ in range(12):
-            have = self.count(prefix + text) - base
-            if have == n:
+
+        def tokens(text: str) -> int:
+            return self.count(prefix + text) - base
+
+        # The most words that stay within n tokens (bisection: ~log2(2n) counts), then one-token
+        # words until exactly n.
+        lo, hi = 0, len(words)
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if tokens(" " + " ".join(words[:mid])) <= n:
+                lo = mid
+            else:
+                hi = mid - 1
+        text = " " + " ".join(words[:lo])
+        for _ in range(8):
+            if tokens(text) >= n:
                 break
-            words = words[:n] if have > n else words + [self.rng.choice(self.WORDS)]
-            text = " " + " ".join(words[:max(1, len(words) - max(0, have - n))])
+            text += " a"
         return text
 
 

@@ -1,0 +1,169 @@
+"""Hostile and careless clients: every bad request gets OpenAI's error JSON, and the engine lives on."""
+import json
+import socket
+import time
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.server_process import ServerProcess
+
+KEY = "K"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+FAULT_REQUEST, FAULT_STEP = 4001, 4002  # prompts starting with these token ids fail (PAGEDBENCH_TEST_FAULTS)
+
+
+@pytest.fixture(scope="module")
+def server(monkeypatch_module):
+    monkeypatch_module.setenv("PAGEDBENCH_TEST_FAULTS", f"request:{FAULT_REQUEST},step:{FAULT_STEP}")
+    srv = ServerProcess("tiny", "--api-key", KEY, "--max-model-len", "256", "--kv-cache-memory", "64MiB",
+                        "--enable-prefix-caching")
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    mp = pytest.MonkeyPatch()
+    yield mp
+    mp.undo()
+
+
+def metric(url: str, name: str, **labels) -> float:
+    for family in text_string_to_metric_families(httpx.get(url + "/metrics").text):
+        for s in family.samples:
+            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
+                return s.value
+    raise KeyError(name)
+
+
+def alive(url: str) -> None:
+    assert httpx.get(url + "/health").status_code == 200
+    r = httpx.post(url + "/v1/completions", headers=AUTH, json={"model": "tiny", "prompt": "ok", "max_tokens": 2})
+    assert r.status_code == 200, r.text
+
+
+CMPL, CHAT = "/v1/completions", "/v1/chat/completions"
+CASES = [
+    (CMPL, {"model": "tiny", "prompt": "hi", "max_tokens": 4, "top_k": 5000}, 200),  # clamped, as vLLM
+    (CMPL, {"model": "tiny", "prompt": "hi", "max_tokens": 4, "min_tokens": 2, "stop_token_ids": [4096]}, 400),
+    (CMPL, {"model": "tiny", "prompt": "hi", "max_tokens": 4, "stop_token_ids": [-1]}, 400),
+    (CMPL, {"model": "tiny", "prompt": "hi", "seed": 2**64}, 400),
+    (CMPL, {"model": "tiny", "prompt": "hi", "logprobs": 21}, 400),
+    (CMPL, {"model": "tiny", "prompt": [999999]}, 400),
+    (CMPL, {"model": "tiny", "prompt": []}, 400),
+    (CMPL, {"model": "tiny", "prompt": "hi", "max_tokens": 100000}, 400),
+    (CMPL, {"model": "tiny", "prompt": "hi", "n": 0}, 400),
+    (CMPL, {"model": "tiny", "prompt": "hi", "temperature": -1}, 400),
+    (CMPL, {"model": "other", "prompt": "hi"}, 404),
+    (CMPL, {"prompt": 5}, 400),
+    (CHAT, {"model": "tiny", "messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]}, 400),
+    (CHAT, {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "continue_final_message": True}, 400),
+    (CHAT, {"model": "tiny", "messages": [{"role": "wizard", "content": "hi"}]}, 400),
+    (CHAT, {"model": "tiny", "messages": []}, 400),
+    (CHAT, {"model": "tiny", "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, 400),
+    (CHAT, {"model": "tiny", "messages": "hi"}, 400),
+]
+
+
+@pytest.mark.parametrize("path,body,status", CASES)
+def test_hostile_json_bodies(server, path, body, status):
+    r = httpx.post(server.url + path, headers=AUTH, json=body, timeout=30)
+    assert r.status_code == status, r.text
+    if status != 200:
+        error = r.json()["error"]
+        assert error["message"] and error["type"]
+    alive(server.url)
+
+
+@pytest.mark.parametrize("raw", [b"{not json", b"\xff\xfe\x00bad utf-8", b"[" * 100_000 + b"]" * 100_000, b""])
+def test_unparseable_bodies_get_openai_errors(server, raw):
+    r = httpx.post(server.url + CMPL, headers={**AUTH, "content-type": "application/json"}, content=raw, timeout=30)
+    assert 400 <= r.status_code < 500 and "error" in r.json(), r.text
+    alive(server.url)
+
+
+def test_unknown_route_and_method_in_openai_format(server):
+    assert httpx.get(server.url + "/v1/nothing", headers=AUTH).json()["error"]["code"] == "not_found"
+    assert httpx.get(server.url + CMPL, headers=AUTH).status_code == 405
+    assert httpx.post(server.url + CMPL, json={"model": "tiny", "prompt": "x"}).status_code == 401
+
+
+def test_a_fault_in_one_request_fails_only_it(server):
+    for token in (FAULT_REQUEST, FAULT_STEP):
+        r = httpx.post(server.url + CMPL, headers=AUTH, json={"model": "tiny", "prompt": [token, 5, 6],
+                                                              "max_tokens": 4}, timeout=30)
+        assert r.status_code == 500 and "injected" in r.json()["error"]["message"], r.text
+        alive(server.url)
+    assert metric(server.url, "vllm:kv_cache_usage_perc") == 0.0
+
+
+def test_abandoned_non_streamed_request_is_aborted(server):
+    before = metric(server.url, "vllm:request_success_total", finished_reason="abort")
+    body = json.dumps({"model": "tiny", "prompt": "go", "n": 4, "max_tokens": 240, "ignore_eos": True}).encode()
+    with socket.create_connection(("127.0.0.1", server.port)) as sock:
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+                     + f"authorization: Bearer {KEY}\r\ncontent-length: {len(body)}\r\n\r\n".encode() + body)
+        time.sleep(0.5)
+    deadline = time.monotonic() + 10
+    while metric(server.url, "vllm:request_success_total", finished_reason="abort") < before + 4:
+        assert time.monotonic() < deadline, "the abandoned request was not aborted"
+        time.sleep(0.2)
+    assert metric(server.url, "vllm:num_requests_running") == 0
+    assert metric(server.url, "vllm:kv_cache_usage_perc") == 0.0
+
+
+def test_huge_prompt_does_not_stall_health(server):
+    import threading
+
+    result = {}
+
+    def send():
+        result["r"] = httpx.post(server.url + CMPL, headers=AUTH, json={"model": "tiny", "prompt": "word " * 200_000},
+                                 timeout=60)
+
+    t = threading.Thread(target=send)
+    t.start()
+    worst = 0.0
+    while t.is_alive():
+        start = time.monotonic()
+        httpx.get(server.url + "/health", timeout=5)
+        worst = max(worst, time.monotonic() - start)
+        time.sleep(0.02)
+    t.join()
+    assert result["r"].status_code == 400 and "context length" in result["r"].json()["error"]["message"]
+    assert worst < 0.1, f"/health took {worst * 1e3:.0f} ms while a 1 MB prompt was tokenized"
+
+
+def test_reset_prefix_cache(server):
+    prompt = "a shared prefix " * 8
+    for _ in range(2):
+        httpx.post(server.url + CMPL, headers=AUTH, json={"model": "tiny", "prompt": prompt, "max_tokens": 1})
+    hits = metric(server.url, "vllm:prefix_cache_hits_total")
+    assert hits > 0
+    assert httpx.post(server.url + "/reset_prefix_cache").status_code == 401
+    assert httpx.post(server.url + "/reset_prefix_cache", headers=AUTH).status_code == 200
+    httpx.post(server.url + CMPL, headers=AUTH, json={"model": "tiny", "prompt": prompt, "max_tokens": 1})
+    assert metric(server.url, "vllm:prefix_cache_hits_total") == hits  # cold again
+
+
+def test_max_waiting_requests_sheds_load_with_429():
+    import concurrent.futures
+
+    srv = ServerProcess("tiny", "--max-num-seqs", "2", "--max-waiting-requests", "2", "--max-model-len", "256",
+                        "--kv-cache-memory", "64MiB")
+    try:
+        def one(_):
+            return httpx.post(srv.url + CMPL, json={"model": "tiny", "prompt": "hi", "max_tokens": 60,
+                                                    "ignore_eos": True}, timeout=60)
+
+        with concurrent.futures.ThreadPoolExecutor(24) as pool:
+            replies = list(pool.map(one, range(24)))
+        codes = [r.status_code for r in replies]
+        assert codes.count(429) > 0 and codes.count(200) >= 4, codes
+        assert all(r.json()["error"]["type"] == "rate_limit_error" for r in replies if r.status_code == 429)
+        alive_url = srv.url
+        assert httpx.get(alive_url + "/health").status_code == 200
+    finally:
+        srv.stop()
