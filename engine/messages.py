@@ -22,8 +22,7 @@ class CoreRequest(msgspec.Struct, array_like=True, omit_defaults=True):
     @staticmethod
     def from_params(request_id: str, prompt_token_ids: list[int], params: SamplingParams, arrival_time: float,
                     client_index: int = 0) -> CoreRequest:
-        fields = {k: v for k, v in params.__dict__.items() if k != "stop_list" and v != _DEFAULTS.get(k)}
-        fields.pop("stop", None)  # stop strings are the front end's job
+        fields = {k: v for k, v in params.__dict__.items() if k not in _FRONT_END_FIELDS and v != _DEFAULTS[k]}
         return CoreRequest(request_id, prompt_token_ids, fields, arrival_time, client_index)
 
     def sampling_params(self) -> SamplingParams:
@@ -31,6 +30,8 @@ class CoreRequest(msgspec.Struct, array_like=True, omit_defaults=True):
 
 
 _DEFAULTS = SamplingParams().__dict__
+# Text and output shape are the front end's business (engine/output_processor.py); the core works in ids.
+_FRONT_END_FIELDS = {"stop", "stop_list", "include_stop_str_in_output", "skip_special_tokens", "output_kind"}
 
 
 class TokenLogprobs(msgspec.Struct, array_like=True):
