@@ -76,6 +76,8 @@ class EngineCore:
         if params.n != 1:
             raise ValueError("the engine core takes one sequence per request; the front end fans out n")
         self.validate(request.prompt_token_ids, params)
+        if params.top_k > self.vocab_size:  # as vLLM: a top-k past the vocabulary keeps every token
+            params.top_k = -1
         generator = None if params.seed is None else make_generator(params.seed, self.device)
         seq = Sequence(request.request_id, 0, request.prompt_token_ids, params, request.arrival_time, generator)
         seq.client_index = request.client_index
@@ -94,9 +96,10 @@ class EngineCore:
                              "which must leave room for at least one generated token")
         if params.logprobs is not None and params.logprobs > self.config.max_logprobs:
             raise ValueError(f"logprobs={params.logprobs} exceeds max_logprobs ({self.config.max_logprobs})")
-        bad = [t for t in params.stop_token_ids if not 0 <= t < vocab]
-        if bad:
-            raise ValueError(f"stop_token_ids must be in [0, {vocab}); got {bad[0]}")
+        for name in ("stop_token_ids", "logit_bias", "allowed_token_ids"):
+            bad = [t for t in getattr(params, name) or () if not 0 <= t < vocab]
+            if bad:
+                raise ValueError(f"{name} must hold token ids in [0, {vocab}); got {bad[0]}")
         if params.prompt_logprobs is not None:
             raise ValueError("prompt_logprobs is not supported by this engine yet")
 

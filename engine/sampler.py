@@ -74,7 +74,8 @@ class Sampler:
         params = batch.params
         want_logprobs = any(p.logprobs is not None for p in params)
         raw_logprobs = torch.log_softmax(logits.float(), dim=-1) if want_logprobs else None
-        if all(p.greedy and not _has_penalty(p) for p in params) and not any(batch.stop_ids_to_block):
+        if all(p.greedy and not _has_penalty(p) and not _shapes_logits(p) for p in params) \
+                and not any(batch.stop_ids_to_block):
             tokens = logits.argmax(dim=-1)  # the common fast path: one kernel, no softmax
         else:
             tokens = self._sample(self._process(logits.float().clone(), batch), batch)
@@ -90,6 +91,14 @@ class Sampler:
         for i in rows:
             if batch.stop_ids_to_block[i]:
                 logits[i, batch.stop_ids_to_block[i]] = float("-inf")
+            p = batch.params[i]
+            if p.logit_bias:
+                ids = torch.tensor(list(p.logit_bias), device=logits.device)
+                logits[i, ids] += torch.tensor(list(p.logit_bias.values()), device=logits.device)
+            if p.allowed_token_ids:
+                keep = torch.full_like(logits[i], float("-inf"))
+                keep[p.allowed_token_ids] = 0.0
+                logits[i] += keep
         temps = torch.tensor([max(p.temperature, _GREEDY_EPS) for p in batch.params], device=logits.device)
         logits = logits / temps.unsqueeze(1)
         top_k = [p.top_k if p.top_k > 0 else logits.shape[1] for p in batch.params]
@@ -119,6 +128,10 @@ class Sampler:
         ranks = (raw > chosen.unsqueeze(1)).sum(dim=1) + 1
         top_vals, top_ids = raw.topk(max((p.logprobs or 0) for p in params), dim=-1)
         return {"chosen": chosen, "ranks": ranks, "top_ids": top_ids, "top_vals": top_vals}
+
+
+def _shapes_logits(p: SamplingParams) -> bool:
+    return bool(p.logit_bias) or bool(p.allowed_token_ids)
 
 
 def _has_penalty(p: SamplingParams) -> bool:

@@ -33,6 +33,8 @@ class SamplingParams:
     logprobs: int | None = None  # number of top logprobs per generated token (0 = sampled only)
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
+    logit_bias: dict[int, float] | None = None  # token id -> added to its logit (OpenAI: -100..100)
+    allowed_token_ids: list[int] | None = None  # sample only among these
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
     stop_list: list[str] = field(init=False, repr=False)
 
@@ -61,6 +63,11 @@ class SamplingParams:
             (self.max_tokens is None or self.min_tokens <= self.max_tokens,
              f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})"),
             (self.logprobs is None or self.logprobs >= 0, f"logprobs must be non-negative, got {self.logprobs}"),
+            (self.seed is None or -2**63 <= self.seed < 2**63, f"seed must be a 64-bit integer, got {self.seed}"),
+            (not self.logit_bias or all(-100.0 <= v <= 100.0 for v in self.logit_bias.values()),
+             "logit_bias values must be in [-100, 100]"),
+            (self.allowed_token_ids is None or len(self.allowed_token_ids) > 0,
+             "allowed_token_ids must not be empty"),
             (self.prompt_logprobs is None or self.prompt_logprobs >= 0,
              f"prompt_logprobs must be non-negative, got {self.prompt_logprobs}"),
         ]

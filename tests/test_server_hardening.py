@@ -57,6 +57,11 @@ CASES = [
     (CMPL, {"model": "tiny", "prompt": "hi", "n": 0}, 400),
     (CMPL, {"model": "tiny", "prompt": "hi", "temperature": -1}, 400),
     (CMPL, {"model": "other", "prompt": "hi"}, 404),
+    (CMPL, {"model": "tiny", "prompt": "hi", "logit_bias": {"word": 1}}, 400),
+    (CMPL, {"model": "tiny", "prompt": "hi", "logit_bias": {"99999": 1}}, 400),
+    (CMPL, {"model": "tiny", "prompt": "hi", "logit_bias": {"5": 500}}, 400),
+    (CMPL, {"model": "tiny", "prompt": "hi", "allowed_token_ids": [99999]}, 400),
+    (CMPL, {"model": "tiny", "prompt": "hi", "allowed_token_ids": [5, 6], "max_tokens": 3}, 200),
     (CMPL, {"prompt": 5}, 400),
     (CHAT, {"model": "tiny", "messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]}, 400),
     (CHAT, {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "continue_final_message": True}, 400),
@@ -133,7 +138,13 @@ def test_huge_prompt_does_not_stall_health(server):
         time.sleep(0.02)
     t.join()
     assert result["r"].status_code == 400 and "context length" in result["r"].json()["error"]["message"]
-    assert worst < 0.1, f"/health took {worst * 1e3:.0f} ms while a 1 MB prompt was tokenized"
+    assert worst < 0.1, f"/health took {worst * 1e3:.0f} ms while a 1 MB prompt was rejected"
+
+
+def test_long_prompt_within_the_char_bound_is_tokenized_off_the_loop(server):
+    """Below the length bound a long text is tokenized in a worker thread and measured exactly."""
+    r = httpx.post(server.url + CMPL, headers=AUTH, json={"model": "tiny", "prompt": "word " * 5_000}, timeout=60)
+    assert r.status_code == 400 and "your prompt has" in r.json()["error"]["message"]
 
 
 def test_reset_prefix_cache(server):

@@ -49,6 +49,8 @@ class SamplingFields(BaseModel):
     stop_token_ids: list[int] | None = None
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    logit_bias: dict[str, float] | None = None  # OpenAI's keys are token ids written as strings
+    allowed_token_ids: list[int] | None = None
 
     def sampling_params(self, max_tokens: int, logprobs: int | None) -> SamplingParams:
         return SamplingParams(n=self.n, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
@@ -57,7 +59,16 @@ class SamplingFields(BaseModel):
                               seed=self.seed, max_tokens=max_tokens, min_tokens=self.min_tokens,
                               ignore_eos=self.ignore_eos, stop=self.stop, stop_token_ids=self.stop_token_ids,
                               include_stop_str_in_output=self.include_stop_str_in_output, logprobs=logprobs,
-                              skip_special_tokens=self.skip_special_tokens)
+                              skip_special_tokens=self.skip_special_tokens, logit_bias=self.logit_bias_ids(),
+                              allowed_token_ids=self.allowed_token_ids)
+
+    def logit_bias_ids(self) -> dict[int, float] | None:
+        if not self.logit_bias:
+            return None
+        try:
+            return {int(k): float(v) for k, v in self.logit_bias.items()}
+        except ValueError:
+            raise ValueError("logit_bias keys must be token ids, e.g. {\"50256\": -100}") from None
 
 
 class CompletionRequest(SamplingFields):

@@ -17,7 +17,6 @@ from engine.server.protocol import KNOWN_ROLES, ChatCompletionRequest, OpenAIErr
 # Texts longer than this are tokenized in a worker thread (the Rust tokenizer releases the GIL), so
 # a huge prompt cannot stall /health or other requests; shorter ones are cheaper inline.
 INLINE_TOKENIZE_CHARS = 20_000
-INT64_MAX = 2**63 - 1
 
 
 @dataclass
@@ -41,6 +40,10 @@ class OpenAIServing:
         self.limits = limits
         self.server_index = server_index
         self.created = int(time.time())
+        # No token is longer than the longest vocabulary entry, so a text longer than max_model_len of
+        # them (times 4, for normalizers that drop characters) cannot fit: refused without tokenizing.
+        longest = max((len(t) for t in tokenizer.get_vocab()), default=1)
+        self.max_prompt_chars = limits.max_model_len * max(longest, 1) * 4
 
     # ---------------------------------------------------------------- validation
     def check_model(self, model: str | None) -> None:
@@ -82,22 +85,25 @@ class OpenAIServing:
         if logprobs is not None and logprobs > self.limits.max_logprobs:
             raise OpenAIError(f"logprobs={logprobs} exceeds the server's max_logprobs ({self.limits.max_logprobs}).",
                               param="logprobs")
-        if req.seed is not None and not -INT64_MAX - 1 <= req.seed <= INT64_MAX:
-            raise OpenAIError(f"seed must be a 64-bit integer, got {req.seed}", param="seed")
-        vocab = self.limits.vocab_size
-        bad = [t for t in req.stop_token_ids or [] if not 0 <= t < vocab]
-        if bad:
-            raise OpenAIError(f"stop_token_ids must be in [0, {vocab}); got {bad[0]}", param="stop_token_ids")
         try:
             params = req.sampling_params(self.budget(prompt_len, max_tokens, req.n), logprobs)
         except ValueError as exc:
             raise OpenAIError(str(exc)) from None
+        vocab = self.limits.vocab_size
+        for name in ("stop_token_ids", "logit_bias", "allowed_token_ids"):
+            bad = [t for t in getattr(params, name) or () if not 0 <= t < vocab]
+            if bad:
+                raise OpenAIError(f"{name} must hold token ids in [0, {vocab}); got {bad[0]}", param=name)
         if params.top_k > vocab:  # as vLLM: a top-k past the vocabulary keeps every token
             params.top_k = -1
         return params
 
     # ---------------------------------------------------------------- prompts
     async def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        if len(text) > self.max_prompt_chars:
+            raise OpenAIError(f"This model's maximum context length is {self.limits.max_model_len} tokens; "
+                              f"a text of {len(text):,} characters is far longer. Please shorten the prompt.",
+                              param="prompt")
         if len(text) <= INLINE_TOKENIZE_CHARS:
             return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
         return await asyncio.to_thread(self.tokenizer.encode, text, add_special_tokens=add_special_tokens)
