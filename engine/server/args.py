@@ -34,7 +34,7 @@ def build_parser(prog: str = "workbench serve") -> argparse.ArgumentParser:
     s.add_argument("--api-server-count", type=_positive_int, default=1,
                    help="API server processes on the one port, all feeding the one engine core")
     s.add_argument("--max-waiting-requests", type=_non_negative_int, default=0,
-                   help="answer 429 when this many requests wait in the engine (0 = unlimited)")
+                   help="answer 429 while this many requests wait for their first token (0 = unlimited)")
     s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     add_engine_args(p)
     return p

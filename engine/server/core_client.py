@@ -53,6 +53,7 @@ class CoreClient:
         self.on_dead = on_dead
         self.dead: str | None = None
         self._streams: dict[str, _Stream] = {}
+        self._unstarted: set[str] = set()  # requests sent that have no token yet (admission control)
         self._encoder = msgspec.msgpack.Encoder()
         self._decoder = msgspec.msgpack.Decoder(CoreOutputs)
         self._ctx = zmq.asyncio.Context()
@@ -94,6 +95,7 @@ class CoreClient:
         core_requests = self.processor.add_request(request_id, prompt, prompt_token_ids, params,
                                                    time.monotonic(), self.client_index)
         stream = self._streams[request_id] = _Stream(self.processor.requests[request_id])
+        self._unstarted.add(request_id)
         for request in core_requests:
             self._out.send_multipart([ADD, self._encoder.encode(request)], copy=False)
         finished = False
@@ -108,6 +110,7 @@ class CoreClient:
                 yield out
         finally:
             self._streams.pop(request_id, None)
+            self._unstarted.discard(request_id)
             if not finished:
                 self.abort(request_id)
 
@@ -125,8 +128,10 @@ class CoreClient:
         self._out.send_multipart([RESET_PREFIX_CACHE, b""])
 
     @property
-    def num_requests(self) -> int:
-        return len(self._streams)
+    def num_waiting(self) -> int:
+        """Requests waiting for their first token: the core's count, or this process's own when the
+        core's last report predates a burst of arrivals."""
+        return max(self.stats.num_waiting, len(self._unstarted))
 
     # ---------------------------------------------------------------- background tasks
     async def _read_outputs(self) -> None:
@@ -140,6 +145,7 @@ class CoreClient:
             if processed.to_abort:  # stop strings found here: the core stops computing them
                 self._out.send_multipart([ABORT, self._encoder.encode(processed.to_abort)])
             for state in processed.touched:
+                self._unstarted.discard(state.request_id)
                 stream = self._streams.get(state.request_id)
                 if stream is not None:
                     stream.wake.set()

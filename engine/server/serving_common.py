@@ -62,8 +62,8 @@ class OpenAIServing:
     def admit(self) -> None:
         """Admission control: past --max-waiting-requests waiting in the engine, answer 429 at once."""
         limit = self.limits.max_waiting_requests
-        if limit and self.client.stats.num_waiting >= limit:
-            raise OpenAIError(f"The server is overloaded: {self.client.stats.num_waiting} requests are waiting "
+        if limit and self.client.num_waiting >= limit:
+            raise OpenAIError(f"The server is overloaded: {self.client.num_waiting} requests are waiting "
                               f"(--max-waiting-requests {limit}). Retry later.", 429, err_type="rate_limit_error",
                               code="too_many_requests")
 
