@@ -181,7 +181,13 @@ def test_max_waiting_requests_sheds_load_with_429():
         codes = [r.status_code for r in replies]
         assert codes.count(429) > 0 and codes.count(200) >= 2, codes
         assert all(r.json()["error"]["type"] == "rate_limit_error" for r in replies if r.status_code == 429)
-        alive_url = srv.url
-        assert httpx.get(alive_url + "/health").status_code == 200
+        assert httpx.get(srv.url + "/health").status_code == 200
+        from workbench.loadgen.config import ServeBenchConfig
+        from workbench.loadgen.runner import run_serve_benchmark
+
+        result = run_serve_benchmark(ServeBenchConfig(base_url=srv.url, model="tiny", num_prompts=24, input_len=8,
+                                                      output_len=40, ignore_eos=True), progress=False)
+        assert result.metrics["failed"] > 0 and result.metrics["completed"] > 0
+        assert set(result.extra["errors"]) == {"RateLimitError:429"}, result.extra["errors"]
     finally:
         srv.stop()
