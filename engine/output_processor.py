@@ -9,6 +9,7 @@ they are dropped).
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 from dataclasses import dataclass, field
 
@@ -16,6 +17,8 @@ from engine.detokenizer import IncrementalDetokenizer
 from engine.messages import CoreOutput, CoreRequest
 from engine.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from engine.sampling_params import RequestOutputKind, SamplingParams
+
+log = logging.getLogger("engine")
 
 
 @dataclass
@@ -120,7 +123,13 @@ class OutputProcessor:
                 continue  # aborted here already; the core's last tokens for it are dropped
             state, sample = entry
             touched[state.request_id] = state
-            if self._apply(state, sample, out, now):
+            try:
+                stopped_here = self._apply(state, sample, out, now)
+            except Exception as exc:  # detokenizing one request failed: it alone ends, with the error
+                log.exception("output processing failed for request %s", state.request_id)
+                state.error = f"{type(exc).__name__}: {exc}"
+                sample.finish_reason, stopped_here = "error", out.finish_reason is None
+            if stopped_here:
                 to_abort.append(out.request_id)
             if sample.finish_reason is not None:
                 del self._children[out.request_id]

@@ -40,3 +40,24 @@ def test_out_of_range_ids_raise_value_error_naming_the_field(llm, kw, field):
 def test_sampling_params_checks(kw, field):
     with pytest.raises(ValueError, match=field):
         SamplingParams(**kw)
+
+
+def test_a_failing_detokenizer_fails_only_its_request():
+    """Output processing runs in the API process's one output loop: one bad request must not stop it."""
+    from engine.messages import CoreOutput
+    from engine.output_processor import OutputProcessor
+    from engine.presets import resolve_model
+    from engine.model_loader import load_tokenizer
+
+    processor = OutputProcessor(load_tokenizer(resolve_model("tiny", with_weights=False)))
+    for rid in ("bad", "good"):
+        processor.add_request(rid, None, [5, 6, 7], SamplingParams(max_tokens=4), 0.0)
+
+    def explode(_ids):
+        raise RuntimeError("boom")
+
+    processor.requests["bad"].samples[0].detokenizer.append = explode
+    done = processor.process([CoreOutput("bad", [9]), CoreOutput("good", [9])])
+    assert done.to_abort == ["bad"]
+    bad, good = done.touched
+    assert bad.finished and "boom" in bad.error and not good.finished and good.error is None
