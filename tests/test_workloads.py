@@ -315,3 +315,22 @@ def test_sweep_resets_the_prefix_cache_between_points(tiny_server):
     # The first point sent the same prompts as the warm run, but started cold: its first prompt missed.
     assert results[0].metrics["server_prefix_cache_hits"] < warm.metrics["server_prefix_cache_hits"]
     assert results[1].config["seed"] == 1
+
+
+@pytest.mark.parametrize("workload", [
+    'dataset = "multi-turn"\nnum_turns = 3\nthink_time = 0.5\ninput_len = "lognormal:4,0.5"',
+    f'dataset = "trace"\ndataset_path = "{TRACES / "burstgpt.csv"}"\ntrace_format = "burstgpt"\ntime_scale = 0.5',
+    'ramp_up = "exponential"\nramp_up_start = 1.0\nramp_up_end = 16.0\noutput_len = "uniform:8,32"',
+    f'input_len = "empirical:{FIXTURES / "lengths.txt"}"\noutput_len = "normal:64,8"'])
+def test_studies_take_every_workload(tmp_path, workload):
+    from workbench.tune.study_file import load_study
+    f = tmp_path / "s.toml"
+    f.write_text('[study]\nname = "w"\nmodel = "tiny"\nn_trials = 1\n[search_space]\n'
+                 'max_num_seqs = { type = "int", low = 2, high = 4 }\n'
+                 f'[workload]\ntype = "serve"\n{workload}\n'
+                 '[[objectives]]\nmetric = "output_throughput"\ndirection = "maximize"\n')
+    study = load_study(f)[0]
+    fields = study.workload.model_dump(exclude={"type"}) | {"request_rate": math.inf}
+    config = ServeBenchConfig(base_url="http://x", model="tiny", **fields)  # as a trial builds it
+    assert config.model_dump(exclude={"base_url", "model", "request_rate"}).items() >= \
+        {k: v for k, v in fields.items() if k != "request_rate"}.items()

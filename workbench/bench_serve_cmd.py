@@ -77,7 +77,7 @@ def show(result: BenchResult) -> None:
     console.print(f"prompt lengths: {result.extra.get('lengths')}")
     if result.turns:
         console.print("per turn: " + ", ".join(
-            f"#{t['turn']} ttft {_ms(t['median_ttft_ms'])} hit {_pct(t['prefix_cache_hit_rate'])}" for t in result.turns))
+            f"#{int(t['turn']) + 1} ttft {_ms(t['median_ttft_ms'])} hit {_pct(t['prefix_cache_hit_rate'])}" for t in result.turns))
 
 
 def _ms(v) -> str:
