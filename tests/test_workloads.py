@@ -334,3 +334,19 @@ def test_studies_take_every_workload(tmp_path, workload):
     config = ServeBenchConfig(base_url="http://x", model="tiny", **fields)  # as a trial builds it
     assert config.model_dump(exclude={"base_url", "model", "request_rate"}).items() >= \
         {k: v for k, v in fields.items() if k != "request_rate"}.items()
+
+
+def test_report_plots_for_workloads(tmp_path):
+    from reports import plots
+    from reports.data import RunFile
+    from workbench.results import BenchResult
+    records = [rec(0, 0, 0, 0.1, 1, session=0, turn=0, cached=0), rec(1, 1, 1, 0.1, 1, session=0, turn=1, cached=50)]
+    result = BenchResult(requests=records, turns=per_turn(records), windows=windows(records, 2.0),
+                         telemetry=[{"t": 0.0, "running": 1, "waiting": 0, "kv_cache_usage": 0.1},
+                                    {"t": 1.0, "running": 2, "waiting": 1, "kv_cache_usage": 0.3}])
+    run = RunFile(tmp_path / "r.json", result)
+    assert all(f is not None for f in (plots.per_turn_ttft([run]), plots.latency_over_time(run),
+                                       plots.server_telemetry(run)))
+    empty = RunFile(tmp_path / "e.json", BenchResult())
+    assert plots.per_turn_ttft([empty]) is None and plots.server_telemetry(empty) is None
+    assert plots.latency_over_time(empty) is None
