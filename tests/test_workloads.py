@@ -304,6 +304,21 @@ def test_multi_turn_hit_rate_rises_with_the_turn(tiny_server, endpoint):
 
 
 @pytest.mark.slow
+def test_sharegpt_conversations_replay_turn_by_turn(tiny_server):
+    r = run_serve_benchmark(ServeBenchConfig(
+        base_url=tiny_server.url, model="tiny", dataset="multi-turn", dataset_path=str(FIXTURES / "conversations.json"),
+        num_prompts=2, num_turns=4, think_time=0.2, ignore_eos=True, endpoint="chat"), progress=False)
+    assert r.metrics["completed"] == 5 and sorted(t["requests"] for t in r.turns) == [1, 2, 2]  # 3 + 2 turns
+    for session in (0, 1):
+        turns = sorted((x for x in r.requests if x.session == session), key=lambda x: x.turn)
+        assert [x.turn for x in turns] in ([0, 1, 2], [0, 1])
+        for before, after in zip(turns, turns[1:]):
+            # the next turn is due when the reply is in plus the think time, with the history in its prompt
+            assert after.scheduled_time == pytest.approx(before.start_time + before.e2el + 0.2, abs=0.02)
+            assert after.prompt_tokens > before.prompt_tokens + before.output_tokens
+
+
+@pytest.mark.slow
 def test_sweep_resets_the_prefix_cache_between_points(tiny_server):
     cfg = ServeBenchConfig(base_url=tiny_server.url, model="tiny", dataset="prefix-repeat", prefix_len=64,
                            num_prompts=4, input_len=8, output_len=2, max_concurrency=1)
