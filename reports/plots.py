@@ -185,3 +185,67 @@ def gate_history(gates: list[RunFile]):
     ax.set_ylabel("change vs baseline (%)")
     ax.legend(fontsize=8)
     return fig
+
+
+# ---------------------------------------------------------------- realistic workloads (load generator)
+# Kept as one block: per-turn TTFT for multi-turn runs, latency against time for traces and ramps, and the
+# server's /metrics samples against time. Each returns None when its run has nothing to show.
+def per_turn_ttft(runs: list[RunFile]):
+    """Median and p99 TTFT at each turn of multi-turn runs, with the turn's prefix-cache hit rate."""
+    runs = [r for r in runs if r.result.turns]
+    if not runs:
+        return None
+    fig, ax = _figure("TTFT per turn (multi-turn sessions)")
+    for run in runs:
+        turns = [t["turn"] + 1 for t in run.result.turns]
+        line, = ax.plot(turns, [t["median_ttft_ms"] for t in run.result.turns], "o-", label=f"{run.name} median")
+        ax.plot(turns, [t["p99_ttft_ms"] for t in run.result.turns], "s--", color=line.get_color(),
+                label=f"{run.name} p99")
+        for x, t in zip(turns, run.result.turns):
+            if t.get("prefix_cache_hit_rate") is not None:
+                ax.annotate(f"hit {t['prefix_cache_hit_rate']:.0%}", (x, t["median_ttft_ms"] or 0),
+                            textcoords="offset points", xytext=(3, 5), fontsize=7)
+    ax.set_xlabel("turn")
+    ax.set_ylabel("TTFT (ms)")
+    ax.legend(fontsize=8)
+    return fig
+
+
+def latency_over_time(run: RunFile):
+    """Each request's TTFT and end-to-end latency at its scheduled send time, with the offered load per
+    window (traces and ramps: how latency follows the load)."""
+    rows = [(r.scheduled_time if r.scheduled_time is not None else r.start_time, r.ttft, r.e2el)
+            for r in run.result.requests if r.success]
+    if not rows:
+        return None
+    fig, ax = _figure(f"Latency over time: {run.name}")
+    t, ttft, e2el = zip(*rows)
+    ax.scatter(t, [x * 1e3 for x in ttft], s=8, label="TTFT")
+    ax.scatter(t, [x * 1e3 for x in e2el], s=8, marker="x", label="E2E latency")
+    ax.set_xlabel("scheduled send time (s)")
+    ax.set_ylabel("ms")
+    ax.legend(loc="upper left", fontsize=8)
+    if run.result.windows:
+        load = ax.twinx()
+        w = run.result.windows
+        load.step([x["start_s"] for x in w], [x["offered_rate"] for x in w], where="post", color="gray", alpha=0.6)
+        load.set_ylabel("offered requests/s", color="gray")
+    return fig
+
+
+def server_telemetry(run: RunFile):
+    """The server's /metrics sampled during the run: KV-cache usage, running and waiting requests."""
+    samples = run.result.telemetry
+    if not samples:
+        return None
+    fig, ax = _figure(f"Server during the run: {run.name}")
+    t = [s["t"] for s in samples]
+    for key in ("running", "waiting"):
+        ax.plot(t, [s.get(key) for s in samples], label=key)
+    ax.set_xlabel("time (s)")
+    ax.set_ylabel("requests")
+    kv = ax.twinx()
+    kv.plot(t, [100 * (s.get("kv_cache_usage") or 0) for s in samples], color="tab:red", label="KV cache %")
+    kv.set_ylabel("KV cache used (%)", color="tab:red")
+    ax.legend(loc="upper left", fontsize=8)
+    return fig

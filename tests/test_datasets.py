@@ -52,3 +52,14 @@ def test_malformed_files_name_the_line(tmp_path, content, message):
         sample_requests("jsonl", num_prompts=1, input_len=1, output_len=1, path=str(f))
     with pytest.raises(ValueError, match="no such file"):
         sample_requests("sharegpt", num_prompts=1, input_len=1, output_len=1, path=str(tmp_path / "none.json"))
+
+
+def test_length_distributions_stay_exact(tokenizer):
+    reqs = sample_requests("random", num_prompts=20, input_len="lognormal:3.5,0.4", output_len="uniform:3,6",
+                           seed=4, tokenizer=tokenizer)
+    assert len({r.prompt_len for r in reqs}) > 5  # drawn, not fixed
+    for r in reqs:
+        assert len(tokenizer.encode(r.prompt, add_special_tokens=False)) == r.prompt_len
+        assert 3 <= r.output_len <= 6
+    with pytest.raises(ValueError, match="takes its lengths from the file"):
+        sample_requests("jsonl", num_prompts=1, input_len="uniform:1,2", output_len=1, path="x.jsonl")

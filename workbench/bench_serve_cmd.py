@@ -21,9 +21,10 @@ from workbench.results import BenchResult
 
 console = Console(stderr=True)
 SHOWN = ["completed", "failed", "duration_s", "request_throughput", "output_throughput", "total_token_throughput",
-         "request_goodput", "peak_concurrency", "mean_ttft_ms", "median_ttft_ms", "p99_ttft_ms", "mean_tpot_ms",
-         "median_tpot_ms", "p99_tpot_ms", "mean_itl_ms", "median_itl_ms", "p99_itl_ms", "mean_e2el_ms",
-         "p99_e2el_ms"]
+         "request_goodput", "request_goodput_sched", "peak_concurrency", "mean_ttft_ms", "median_ttft_ms",
+         "p99_ttft_ms", "mean_tpot_ms", "median_tpot_ms", "p99_tpot_ms", "mean_itl_ms", "median_itl_ms", "p99_itl_ms",
+         "mean_e2el_ms", "p99_e2el_ms", "mean_queue_delay_ms", "p99_queue_delay_ms", "p99_sched_ttft_ms",
+         "p99_sched_e2el_ms", "prefix_cache_hit_rate", "server_preemptions", "sessions", "mean_session_duration_s"]
 
 
 def fail(message: str, code: int = 1):
@@ -52,10 +53,12 @@ def save(result: BenchResult, result_dir: Path) -> Path:
     with open(path.with_suffix(".csv"), "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["index", "start_time", "scheduled_time", "success", "error", "prompt_tokens",
-                         "output_tokens", "ttft_s", "tpot_s", "e2el_s", "itl_count"])
+                         "output_tokens", "ttft_s", "tpot_s", "e2el_s", "itl_count", "queue_delay_s", "session",
+                         "turn", "cached_tokens"])
         for r in result.requests:
             writer.writerow([r.index, r.start_time, r.scheduled_time, r.success, r.error or "", r.prompt_tokens,
-                             r.output_tokens, r.ttft, r.tpot, r.e2el, len(r.itl)])
+                             r.output_tokens, r.ttft, r.tpot, r.e2el, len(r.itl), r.queue_delay, r.session, r.turn,
+                             r.cached_tokens])
     return path
 
 
@@ -64,21 +67,39 @@ def show(result: BenchResult) -> None:
     table.add_column("metric")
     table.add_column("value", justify="right")
     for name in SHOWN:
+        if name not in result.metrics:
+            continue  # e.g. no /metrics on the server, or not a multi-turn run
         value = result.metrics.get(name)
         table.add_row(name, "-" if value is None else f"{value:,.2f}")
     Console().print(table)
     for kind, count in result.extra.get("errors", {}).items():
         console.print(f"[red]{count} failed[/] with {kind}")
     console.print(f"prompt lengths: {result.extra.get('lengths')}")
+    if result.turns:
+        console.print("per turn: " + ", ".join(
+            f"#{int(t['turn']) + 1} ttft {_ms(t['median_ttft_ms'])} hit {_pct(t['prefix_cache_hit_rate'])}" for t in result.turns))
+
+
+def _ms(v) -> str:
+    return "-" if v is None else f"{v:,.1f} ms"
+
+
+def _pct(v) -> str:
+    return "-" if v is None else f"{v:.0%}"
 
 
 def serve(base_url: str = typer.Option("http://127.0.0.1:8000", help="server root, without /v1"),
           model: str = typer.Option(..., help="model name as the server serves it"),
           api_key: str = typer.Option(None, envvar="OPENAI_API_KEY"),
           endpoint: str = typer.Option("completions", help="completions | chat"),
-          dataset: str = typer.Option("random", help="random | prefix-repeat | sharegpt | jsonl"),
-          dataset_path: str = typer.Option(None, help="file for sharegpt / jsonl"),
-          num_prompts: int = 100, input_len: int = 256, output_len: int = 128, range_ratio: float = 0.0,
+          dataset: str = typer.Option("random", help="random | prefix-repeat | sharegpt | jsonl | multi-turn | trace"),
+          dataset_path: str = typer.Option(None, help="file for sharegpt / jsonl / trace; multi-turn: a ShareGPT "
+                                                      "file replayed turn by turn (synthetic sessions without one)"),
+          num_prompts: int = typer.Option(100, help="requests; multi-turn: sessions; trace: the first N rows"),
+          input_len: str = typer.Option("256", help="tokens, or uniform:a,b | normal:mean,std | lognormal:mu,sigma "
+                                                    "| empirical:FILE (multi-turn: each user message)"),
+          output_len: str = typer.Option("128", help="tokens, or a distribution as --input-len"),
+          range_ratio: float = 0.0,
           prefix_len: int = 0, num_prefixes: int = 1,
           request_rate: str = typer.Option("inf", help="requests/s; 'inf', or a comma list for a sweep"),
           burstiness: float = typer.Option(1.0, help="gamma shape of arrival gaps: 1 = Poisson"),
@@ -90,6 +111,17 @@ def serve(base_url: str = typer.Option("http://127.0.0.1:8000", help="server roo
           goodput: list[str] = typer.Option(None, help="SLO as KEY:MS (ttft, tpot, e2el); repeatable"),
           tokenizer: str = typer.Option(None, help="tokenizer directory for exact prompt lengths"),
           sweep: int = typer.Option(None, help="GuideLLM-style sweep: sync, max, and N rates between"),
+          num_turns: int = typer.Option(4, help="multi-turn: turns per session"),
+          think_time: float = typer.Option(0.0, help="multi-turn: seconds between a reply and the next turn"),
+          trace_format: str = typer.Option(None, help="trace: mooncake | burstgpt | azure | jsonl"),
+          time_scale: float = typer.Option(1.0, help="trace: recorded gaps x this (0.5 = twice as fast)"),
+          trace_block_size: int = typer.Option(512, help="mooncake: tokens per hash id"),
+          ramp_up: str = typer.Option(None, help="linear | exponential: the rate goes from --ramp-up-start to "
+                                                 "--ramp-up-end over the run (or --duration)"),
+          ramp_up_start: float = typer.Option(None, help="requests/s at the start of the ramp"),
+          ramp_up_end: float = typer.Option(None, help="requests/s at the end of the ramp"),
+          reset_prefix_cache: bool = typer.Option(True, help="sweeps: POST /reset_prefix_cache before each point "
+                                                             "(where the server has it)"),
           result_dir: Path = typer.Option(Path("results")), label: str = "") -> None:
     """Measure any OpenAI-compatible server with streamed requests."""
     from workbench.loadgen.config import ServeBenchConfig, parse_goodput
@@ -103,7 +135,10 @@ def serve(base_url: str = typer.Option("http://127.0.0.1:8000", help="server roo
             dataset_path=dataset_path, num_prompts=num_prompts, input_len=input_len, output_len=output_len,
             range_ratio=range_ratio, prefix_len=prefix_len, num_prefixes=num_prefixes, request_rate=rates[0],
             burstiness=burstiness, max_concurrency=max_concurrency, ignore_eos=ignore_eos, seed=seed, warmup=warmup,
-            workers=workers, duration=duration, goodput=parse_goodput(goodput or []), tokenizer=tokenizer, label=label)
+            workers=workers, duration=duration, goodput=parse_goodput(goodput or []), tokenizer=tokenizer, label=label,
+            num_turns=num_turns, think_time=think_time, trace_format=trace_format, time_scale=time_scale,
+            trace_block_size=trace_block_size, ramp_up=ramp_up, ramp_up_start=ramp_up_start,
+            ramp_up_end=ramp_up_end, reset_prefix_cache=reset_prefix_cache)
     except (ValidationError, ValueError) as exc:
         fail(_first_error(exc), 2)
     try:
@@ -117,6 +152,8 @@ def serve(base_url: str = typer.Option("http://127.0.0.1:8000", help="server roo
         fail(str(exc))
     except ValueError as exc:
         fail(str(exc), 2)
+    except RuntimeError as exc:  # a worker process failed, or the prefix-cache reset was refused
+        fail(str(exc))
     paths = []
     for result in results:
         show(result)

@@ -1,4 +1,5 @@
-"""Benchmark prompts: random (exact token lengths), shared-prefix, ShareGPT and JSONL files.
+"""Benchmark prompts: random (exact token lengths), shared-prefix, ShareGPT and JSONL files, and the
+length distributions (`uniform:a,b`, `normal:mean,std`, `lognormal:mu,sigma`, `empirical:FILE`).
 
 Used by the load generator (over HTTP, where lengths come from the server's /tokenize or a local
 tokenizer) and by the offline benchmarks (the engine's own tokenizer)."""
@@ -12,6 +13,75 @@ from pathlib import Path
 
 DATASETS = ("random", "prefix-repeat", "sharegpt", "jsonl")
 CHARS_PER_TOKEN = 4  # the approximation used when no tokenizer can be had
+DISTRIBUTIONS = ("uniform", "normal", "lognormal", "empirical")
+
+
+@dataclass(frozen=True)
+class LengthSpec:
+    """A token length: a fixed mean (spread by range_ratio, as vLLM's random dataset) or a distribution."""
+    kind: str  # "fixed" or one of DISTRIBUTIONS
+    params: tuple[float, ...] = ()
+    values: tuple[int, ...] = ()  # empirical: the observed lengths, drawn with replacement
+
+    def draw(self, rng: random.Random, ratio: float = 0.0) -> int:
+        if self.kind == "fixed":
+            return _length(rng, int(self.params[0]), ratio)
+        if self.kind == "uniform":
+            return rng.randint(int(self.params[0]), int(self.params[1]))
+        if self.kind == "normal":
+            value = rng.gauss(*self.params)
+        elif self.kind == "lognormal":
+            value = rng.lognormvariate(*self.params)
+        else:
+            value = rng.choice(self.values)
+        return max(1, round(value))  # a length is a positive whole number of tokens
+
+
+def parse_length(spec: int | str) -> LengthSpec:
+    """`256`, `uniform:100,300`, `normal:256,64`, `lognormal:5.5,0.6` or `empirical:FILE` (one length a
+    line, or a JSON list). Raises ValueError naming the problem."""
+    if isinstance(spec, int) or str(spec).strip().isdigit():
+        n = int(spec)
+        if n < 1:
+            raise ValueError(f"lengths must be at least 1, got {n}")
+        return LengthSpec("fixed", (n,))
+    kind, sep, args = str(spec).partition(":")
+    kind = kind.strip().lower()
+    if not sep or kind not in DISTRIBUTIONS:
+        raise ValueError(f"length {spec!r}: use a number or one of "
+                         "uniform:a,b normal:mean,std lognormal:mu,sigma empirical:FILE")
+    if kind == "empirical":
+        return LengthSpec(kind, values=tuple(_read_lengths(Path(args.strip()))))
+    try:
+        params = tuple(float(x) for x in args.split(","))
+    except ValueError:
+        raise ValueError(f"length {spec!r}: {kind} takes two numbers, e.g. {kind}:{_EXAMPLES[kind]}") from None
+    if len(params) != 2:
+        raise ValueError(f"length {spec!r}: {kind} takes two numbers, e.g. {kind}:{_EXAMPLES[kind]}")
+    a, b = params
+    if kind == "uniform" and not 1 <= a <= b:
+        raise ValueError(f"length {spec!r}: uniform:a,b needs 1 <= a <= b")
+    if kind in ("normal", "lognormal") and b < 0:
+        raise ValueError(f"length {spec!r}: the spread must not be negative")
+    if kind == "normal" and a < 1:
+        raise ValueError(f"length {spec!r}: the mean must be at least 1")
+    return LengthSpec(kind, params)
+
+
+_EXAMPLES = {"uniform": "100,300", "normal": "256,64", "lognormal": "5.5,0.6"}
+
+
+def _read_lengths(path: Path) -> list[int]:
+    if not path.is_file():
+        raise ValueError(f"empirical lengths: {path}: no such file")
+    text = path.read_text().strip()
+    try:
+        values = json.loads(text) if text.startswith("[") else [int(x) for x in text.split()]
+    except ValueError:
+        raise ValueError(f"empirical lengths: {path}: expected whole numbers, one a line (or a JSON list)") from None
+    if not values or not all(isinstance(v, int) and v >= 1 for v in values):
+        raise ValueError(f"empirical lengths: {path}: needs positive whole numbers")
+    return values
 
 
 @dataclass
@@ -19,9 +89,11 @@ class SampleRequest:
     prompt: str
     prompt_len: int
     output_len: int
+    messages: list[dict] | None = None  # the chat endpoint's conversation, where there is one (multi-turn)
 
 
-def sample_requests(dataset: str, *, num_prompts: int, input_len: int, output_len: int, range_ratio: float = 0.0,
+def sample_requests(dataset: str, *, num_prompts: int, input_len: int | str, output_len: int | str,
+                    range_ratio: float = 0.0,
                     seed: int = 0, path: str | None = None, tokenizer=None,
                     count_tokens: Callable[[str], int] | None = None, prefix_len: int = 0,
                     num_prefixes: int = 1) -> list[SampleRequest]:
@@ -32,7 +104,12 @@ def sample_requests(dataset: str, *, num_prompts: int, input_len: int, output_le
     if not 0.0 <= range_ratio < 1.0:
         raise ValueError(f"range_ratio must be in [0, 1), got {range_ratio}")
     rng = random.Random(seed)
+    in_spec, out_spec = parse_length(input_len), parse_length(output_len) if output_len else None
     if dataset in ("sharegpt", "jsonl"):
+        if in_spec.kind != "fixed" or (out_spec and out_spec.kind != "fixed"):
+            raise ValueError(f"the {dataset} dataset takes its lengths from the file: length distributions are "
+                             "for random, prefix-repeat and multi-turn prompts")
+        output_len = int(out_spec.params[0]) if out_spec else 0
         if not path:
             raise ValueError(f"the {dataset} dataset needs a file (--dataset-path)")
         reader = read_sharegpt if dataset == "sharegpt" else read_jsonl
@@ -49,8 +126,10 @@ def sample_requests(dataset: str, *, num_prompts: int, input_len: int, output_le
         if len(out) < num_prompts:  # cycle, as vLLM does for small files
             out = (out * (num_prompts // max(1, len(out)) + 1))
         return out[:num_prompts]
-    lengths = [_length(rng, input_len, range_ratio) for _ in range(num_prompts)]
-    outputs = [_length(rng, output_len, range_ratio) for _ in range(num_prompts)]
+    if out_spec is None:
+        raise ValueError("output_len must be at least 1")
+    lengths = [in_spec.draw(rng, range_ratio) for _ in range(num_prompts)]
+    outputs = [out_spec.draw(rng, range_ratio) for _ in range(num_prompts)]
     maker = PromptMaker(rng, tokenizer, count_tokens)
     prefixes = [maker.text(prefix_len) for _ in range(num_prefixes)] if dataset == "prefix-repeat" else [""]
     requests = []

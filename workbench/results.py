@@ -18,7 +18,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+# Version 2 only added optional fields (request sessions/turns/cached tokens; telemetry, windows and
+# turns on a result), so version 1 files still read.
+READABLE_VERSIONS = (1, 2)
 
 
 class Environment(BaseModel):
@@ -42,6 +45,24 @@ class RequestRecord(BaseModel):
     ttft: float | None = None
     e2el: float | None = None
     itl: list[float] = Field(default_factory=list)
+    session: int | None = None  # multi-turn: which conversation, and which turn of it (0-based)
+    turn: int | None = None
+    cached_tokens: int | None = None  # prompt tokens the server served from its prefix cache, when known
+
+    @property
+    def queue_delay(self) -> float | None:
+        """Time the request waited in the client (concurrency cap, a busy event loop) past its
+        scheduled send time."""
+        return None if self.scheduled_time is None else max(0.0, self.start_time - self.scheduled_time)
+
+    @property
+    def sched_ttft(self) -> float | None:
+        """TTFT as the user of an open-loop schedule sees it: from the scheduled send time."""
+        return None if self.ttft is None else self.ttft + (self.queue_delay or 0.0)
+
+    @property
+    def sched_e2el(self) -> float | None:
+        return None if self.e2el is None else self.e2el + (self.queue_delay or 0.0)
 
     @property
     def tpot(self) -> float | None:
@@ -61,6 +82,9 @@ class BenchResult(BaseModel):
     server: dict[str, Any] = Field(default_factory=dict)  # /version, /v1/models, engine config
     metrics: dict[str, float | None] = Field(default_factory=dict)
     requests: list[RequestRecord] = Field(default_factory=list)
+    telemetry: list[dict[str, float]] = Field(default_factory=list)  # /metrics every second: t, kv usage, ...
+    windows: list[dict[str, float | None]] = Field(default_factory=list)  # per time window: offered load, latency
+    turns: list[dict[str, float | None]] = Field(default_factory=list)  # multi-turn: figures per turn number
     extra: dict[str, Any] = Field(default_factory=dict)  # e.g. roofline, sweep points, per-batch rows
 
     def save(self, path: str | Path) -> Path:
@@ -82,8 +106,9 @@ class BenchResult(BaseModel):
         if not isinstance(data, dict) or "metrics" not in data:
             raise ValueError(f"{path}: not a PagedBench result file (no 'metrics' field)")
         version = data.get("schema_version")
-        if version != SCHEMA_VERSION:
-            raise ValueError(f"{path}: schema_version {version!r}, this workbench reads {SCHEMA_VERSION}")
+        if version not in READABLE_VERSIONS:
+            raise ValueError(f"{path}: schema_version {version!r}, this workbench reads "
+                             f"{', '.join(map(str, READABLE_VERSIONS))}")
         try:
             return cls.model_validate(data)
         except Exception as exc:  # pydantic's message lists every bad field

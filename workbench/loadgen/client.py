@@ -63,7 +63,10 @@ async def _events(http_response):
 
 
 async def send_request(client: openai.AsyncOpenAI, config: ServeBenchConfig, request: SampleRequest,
-                       index: int, run_start: float, scheduled: float | None) -> RequestRecord:
+                       index: int, run_start: float, scheduled: float | None,
+                       reply: list[str] | None = None) -> RequestRecord:
+    """Send one streamed request; `reply`, when given, collects the generated text (a multi-turn
+    session needs it for its next turn)."""
     extra = dict(config.extra_body)
     if config.ignore_eos:
         extra |= {"ignore_eos": True, "min_tokens": request.output_len}
@@ -79,7 +82,7 @@ async def send_request(client: openai.AsyncOpenAI, config: ServeBenchConfig, req
     try:
         if chat:
             ctx = client.chat.completions.with_streaming_response.create(
-                messages=[{"role": "user", "content": request.prompt}], **common)
+                messages=request.messages or [{"role": "user", "content": request.prompt}], **common)
         else:
             ctx = client.completions.with_streaming_response.create(prompt=request.prompt, **common)
         async with ctx as response:
@@ -101,10 +104,14 @@ async def send_request(client: openai.AsyncOpenAI, config: ServeBenchConfig, req
                             record.itl.append(now - last)
                         last = now
                         chunks += bool(text)
+                        if reply is not None and text:
+                            reply.append(text)
         record.e2el = time.perf_counter() - start
         if usage:
             record.output_tokens = usage.get("completion_tokens", chunks)
             record.prompt_tokens = usage.get("prompt_tokens", request.prompt_len)
+            cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens")
+            record.cached_tokens = cached if isinstance(cached, int) else None
         else:
             record.output_tokens = chunks  # no usage chunk: one token per content chunk (approximate)
         if record.ttft is None:

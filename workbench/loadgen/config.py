@@ -4,7 +4,9 @@ from __future__ import annotations
 import math
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from workbench.datasets import parse_length
 
 SLO_KEYS = ("ttft", "tpot", "e2el")
 
@@ -13,11 +15,12 @@ class LoadProfile(BaseModel):
     """What load to send: shared by `bench serve` and a tuning study's workload."""
     model_config = ConfigDict(extra="forbid")
     endpoint: Literal["completions", "chat"] = "completions"
-    dataset: Literal["random", "prefix-repeat", "sharegpt", "jsonl"] = "random"
+    dataset: Literal["random", "prefix-repeat", "sharegpt", "jsonl", "multi-turn", "trace"] = "random"
     dataset_path: str | None = None
-    num_prompts: int = Field(100, ge=1)
-    input_len: int = Field(256, ge=1)
-    output_len: int = Field(128, ge=1)
+    num_prompts: int = Field(100, ge=1)  # multi-turn: sessions; trace: the first N rows
+    # A number of tokens, or a distribution: uniform:a,b normal:mean,std lognormal:mu,sigma empirical:FILE
+    input_len: int | str = 256
+    output_len: int | str = 128
     range_ratio: float = Field(0.0, ge=0.0, lt=1.0)
     prefix_len: int = Field(0, ge=0)
     num_prefixes: int = Field(1, ge=1)
@@ -27,6 +30,35 @@ class LoadProfile(BaseModel):
     warmup: int = Field(0, ge=0)
     duration: float | None = Field(None, gt=0)  # stop sending new requests after this many seconds
     goodput: dict[str, float] = Field(default_factory=dict)  # SLOs in ms: ttft, tpot, e2el
+    num_turns: int = Field(4, ge=1)  # multi-turn: turns per session (ShareGPT: at most)
+    think_time: float = Field(0.0, ge=0.0)  # multi-turn: seconds between a reply and the next user turn
+    trace_format: Literal["mooncake", "burstgpt", "azure", "jsonl"] | None = None
+    time_scale: float = Field(1.0, gt=0.0)  # trace: recorded gaps x this (0.5 replays twice as fast)
+    trace_block_size: int = Field(512, ge=1)  # mooncake: tokens per hash id
+    ramp_up: Literal["linear", "exponential"] | None = None  # the rate goes from ramp_up_start to _end
+    ramp_up_start: float | None = Field(None, gt=0.0)
+    ramp_up_end: float | None = Field(None, gt=0.0)
+
+    @field_validator("input_len", "output_len")
+    @classmethod
+    def _length_spec(cls, v: int | str) -> int | str:
+        spec = parse_length(v)  # raises with the problem named
+        return int(spec.params[0]) if spec.kind == "fixed" else v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "LoadProfile":
+        if self.dataset == "trace" and not (self.dataset_path and self.trace_format):
+            raise ValueError("the trace dataset needs dataset_path (--dataset-path) and trace_format "
+                             "(--trace-format mooncake|burstgpt|azure|jsonl)")
+        if self.trace_format and self.dataset != "trace":
+            raise ValueError("trace_format is for dataset 'trace'")
+        if self.ramp_up and (self.ramp_up_start is None or self.ramp_up_end is None):
+            raise ValueError("ramp_up needs ramp_up_start and ramp_up_end (requests/s)")
+        if not self.ramp_up and (self.ramp_up_start is not None or self.ramp_up_end is not None):
+            raise ValueError("ramp_up_start/ramp_up_end need ramp_up (linear or exponential)")
+        if self.ramp_up and self.dataset == "trace":
+            raise ValueError("a trace is replayed at its own timestamps; ramp_up does not apply")
+        return self
 
     @field_validator("goodput")
     @classmethod
@@ -50,6 +82,14 @@ class ServeBenchConfig(LoadProfile):
     label: str = ""
     timeout: float = Field(600.0, gt=0)
     extra_body: dict = Field(default_factory=dict)
+    reset_prefix_cache: bool = True  # sweeps: POST /reset_prefix_cache before each point, where the server has it
+
+    @model_validator(mode="after")
+    def _one_process_for_sessions(self) -> "ServeBenchConfig":
+        if self.dataset == "multi-turn" and self.workers > 1:
+            raise ValueError("workers > 1 is not supported with the multi-turn dataset (a session's turns "
+                             "wait on each other's replies in one process); use --workers 1")
+        return self
 
     @field_validator("request_rate")
     @classmethod

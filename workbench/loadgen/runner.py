@@ -11,11 +11,13 @@ import httpx
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from workbench.datasets import SampleRequest, sample_requests
-from workbench.loadgen.arrivals import arrival_times
+from workbench.datasets import SampleRequest
 from workbench.loadgen.client import make_client, send_request
 from workbench.loadgen.config import ServeBenchConfig
-from workbench.loadgen.metrics import aggregate
+from workbench.loadgen.metrics import aggregate, per_turn, windows
+from workbench.loadgen.plan import Plan, build_plan, build_requests, server_token_counter, tokenizer_dir
+from workbench.loadgen.server_side import counter_deltas, sample_metrics, scrape
+from workbench.loadgen.sessions import Session, history_messages, history_prompt
 from workbench.loadgen.workers import peak_concurrency, run_in_workers
 from workbench.results import BenchResult, collect_environment
 
@@ -52,51 +54,9 @@ def probe_server(config: ServeBenchConfig) -> dict:
     return info
 
 
-def server_token_counter(config: ServeBenchConfig):
-    """The server's /tokenize (vLLM and ours have it), or None."""
-    base = config.base_url.rstrip("/")
-    client = httpx.Client(timeout=30, headers={"Authorization": f"Bearer {config.api_key}"} if config.api_key else {})
-    try:
-        r = client.post(f"{base}/tokenize", json={"model": config.model, "prompt": "probe"})
-        if r.status_code != 200 or "count" not in r.json():
-            return None
-    except (httpx.HTTPError, ValueError):
-        return None
-    return lambda text: client.post(f"{base}/tokenize", json={"model": config.model, "prompt": text,
-                                                              "add_special_tokens": False}).json()["count"]
-
-
-def build_requests(config: ServeBenchConfig) -> tuple[list[SampleRequest], str]:
-    tokenizer, count, how = None, None, ""
-    if config.tokenizer:
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(_tokenizer_dir(config.tokenizer))
-        how = f"exact, with the tokenizer in {config.tokenizer}"
-    else:
-        count = server_token_counter(config)
-        how = "exact, with the server's /tokenize" if count else (
-            "APPROXIMATE: no tokenizer given and the server has no /tokenize; ~4 characters per token")
-    total = config.num_prompts + config.warmup
-    reqs = sample_requests(config.dataset, num_prompts=total, input_len=config.input_len,
-                           output_len=config.output_len, range_ratio=config.range_ratio, seed=config.seed,
-                           path=config.dataset_path, tokenizer=tokenizer, count_tokens=count,
-                           prefix_len=config.prefix_len, num_prefixes=config.num_prefixes)
-    return reqs, how
-
-
-def _tokenizer_dir(name: str) -> str:
-    """A directory, or a preset name (resolved through the engine's preset cache only if it is there)."""
-    from pathlib import Path
-
-    if Path(name).is_dir():
-        return name
-    try:  # optional: presets live with the engine; a plain HTTP user passes a directory
-        from engine.presets import resolve_model
-
-        return str(resolve_model(name, with_weights=False))
-    except ImportError:
-        raise ValueError(f"--tokenizer {name!r} is not a directory") from None
+# build_requests and server_token_counter lived here before plan.py: still importable from here.
+__all__ = ["ServerUnavailable", "build_requests", "probe_server", "run_serve_benchmark", "server_token_counter"]
+_tokenizer_dir = tokenizer_dir
 
 
 async def wait_for_turn(at: float, start: float, config: ServeBenchConfig) -> tuple[bool, bool]:
@@ -106,9 +66,14 @@ async def wait_for_turn(at: float, start: float, config: ServeBenchConfig) -> tu
     late = False
     if delay > 0:
         await asyncio.sleep(delay)
-    elif -delay > LAG_WARN_S and not math.isinf(config.request_rate):
+    elif -delay > LAG_WARN_S and paced(config):
         late = True
     return config.duration is None or time.perf_counter() - start <= config.duration, late
+
+
+def paced(config: ServeBenchConfig) -> bool:
+    """Whether requests have send times to keep (a rate, a ramp, a trace or multi-turn think times)."""
+    return not math.isinf(config.request_rate) or bool(config.ramp_up) or config.dataset in ("trace", "multi-turn")
 
 
 async def lag_monitor(stop: asyncio.Event, warnings: list[str]) -> None:
@@ -128,79 +93,129 @@ async def lag_monitor(stop: asyncio.Event, warnings: list[str]) -> None:
 
 async def arun_serve_benchmark(config: ServeBenchConfig, progress: bool = True) -> BenchResult:
     server = probe_server(config)
-    requests, length_note = build_requests(config)
-    warm, measured = requests[:config.warmup], requests[config.warmup:]
-    cap = config.max_concurrency or len(measured)
+    plan = build_plan(config)
+    total = len(plan.requests) or sum(len(s.turns) for s in plan.sessions)
+    cap = config.max_concurrency or total
     client = make_client(config, connections=min(cap, 1024))
-    if warm:
-        await asyncio.gather(*(send_request(client, config, r, -1, time.perf_counter(), None) for r in warm))
-    times = arrival_times(len(measured), config.request_rate, config.burstiness, config.seed)
-    semaphore = asyncio.Semaphore(cap)
-    in_flight = peak = 0
-    late = 0
-    warnings: list[str] = []
-    stop = asyncio.Event()
-    monitor = asyncio.create_task(lag_monitor(stop, warnings))
-    bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                   TextColumn("{task.fields[status]}"), TimeElapsedColumn(), console=console,
-                   disable=not progress, refresh_per_second=4)
-    task = bar.add_task(config.label or "bench serve", total=len(measured), status="")
-    out_tokens = 0
-    failed = 0
-    start = time.perf_counter()
-
-    async def one(i: int, request: SampleRequest):
-        nonlocal in_flight, peak, late, out_tokens, failed
-        send, was_late = await wait_for_turn(times[i], start, config)
-        late += was_late
-        if not send:
-            return None
-        async with semaphore:
-            in_flight += 1
-            peak = max(peak, in_flight)
-            try:
-                record = await send_request(client, config, request, i, start, times[i])
-            finally:
-                in_flight -= 1
-        out_tokens += record.output_tokens
-        failed += not record.success
-        elapsed = time.perf_counter() - start
-        bar.update(task, advance=1, status=f"in flight {in_flight}, failed {failed}, "
-                                           f"{out_tokens / elapsed:,.0f} out tok/s")
-        return record
-
-    def show(done: int, tokens: int, errors: int) -> None:  # totals from the worker processes
-        elapsed = time.perf_counter() - start
-        bar.update(task, completed=done, status=f"failed {errors}, {tokens / elapsed:,.0f} out tok/s")
-
-    with bar:
+    if plan.warmup:
+        await asyncio.gather(*(send_request(client, config, r, -1, time.perf_counter(), None) for r in plan.warmup))
+    run = _Run(config, client, cap, progress, total)
+    before = await asyncio.to_thread(scrape, config.base_url, config.api_key)
+    samples: list[dict] = []
+    run.start = time.perf_counter()
+    sampler = asyncio.create_task(sample_metrics(config.base_url, config.api_key, run.start, run.stop, samples))
+    monitor = asyncio.create_task(lag_monitor(run.stop, run.warnings))
+    with run.bar:
         if config.workers > 1:
-            stop.set()  # each worker watches its own event loop
-            records, late, worker_warnings = await asyncio.to_thread(run_in_workers, config, measured, times, cap,
-                                                                     show)
-            warnings += worker_warnings
-            peak = peak_concurrency(records)
-            # Workers start on a common clock a moment after `start`: time the run by its requests.
-            duration = max((r.start_time + (r.e2el or 0.0) for r in records), default=0.0) - min(
-                (r.start_time for r in records), default=0.0)
+            records, duration = await run.in_workers(plan)
+        elif plan.sessions:
+            records = [r for rs in await asyncio.gather(*(run.session(s, t) for s, t in zip(plan.sessions, plan.times)))
+                       for r in rs]
+            duration = time.perf_counter() - run.start
         else:
-            records = [r for r in await asyncio.gather(*(one(i, r) for i, r in enumerate(measured)))
-                       if r is not None]
-            duration = time.perf_counter() - start
-    stop.set()
-    await monitor
+            records = [r for r in await asyncio.gather(*(run.one(i, r, plan.times[i])
+                                                         for i, r in enumerate(plan.requests))) if r is not None]
+            duration = time.perf_counter() - run.start
+    run.stop.set()
+    await asyncio.gather(monitor, sampler)
     await client.close()
-    if late:
-        msg = f"{late} requests left more than {LAG_WARN_S * 1e3:.0f} ms behind their scheduled time"
-        warnings.append(msg)
+    after = await asyncio.to_thread(scrape, config.base_url, config.api_key)
+    if run.late:
+        msg = f"{run.late} requests left more than {LAG_WARN_S * 1e3:.0f} ms behind their scheduled time"
+        run.warnings.append(msg)
         console.print(f"[yellow]warning:[/] {msg}")
-    metrics, errors = aggregate(records, duration, config.goodput, peak)
+    metrics, errors = aggregate(records, duration, config.goodput, run.peak or peak_concurrency(records))
+    metrics |= counter_deltas(before, after)
     settings = config.model_dump(mode="json")
     settings["request_rate"] = "inf" if math.isinf(config.request_rate) else config.request_rate
-    return BenchResult(kind="serve", label=config.label, config=settings,
-                       environment=collect_environment(), server=server, metrics=metrics, requests=records,
-                       extra={"errors": errors, "lengths": length_note, "warnings": warnings,
+    return BenchResult(kind="serve", label=config.label, config=settings, environment=collect_environment(),
+                       server=server, metrics=metrics, requests=records, telemetry=samples,
+                       windows=windows(records, duration), turns=per_turn(records),
+                       extra={"errors": errors, "lengths": plan.lengths, "warnings": run.warnings,
                               "run_id": uuid.uuid4().hex[:12]})
+
+
+class _Run:
+    """The state of one single-process run: the cap, the counters the progress bar shows, lateness."""
+
+    def __init__(self, config: ServeBenchConfig, client, cap: int, progress: bool, total: int):
+        self.config, self.client = config, client
+        self.cap = cap
+        self.semaphore = asyncio.Semaphore(cap)
+        self.in_flight = self.peak = self.late = self.out_tokens = self.failed = 0
+        self.warnings: list[str] = []
+        self.stop = asyncio.Event()
+        self.start = 0.0
+        self.bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                            TextColumn("{task.fields[status]}"), TimeElapsedColumn(), console=console,
+                            disable=not progress, refresh_per_second=4)
+        self.task = self.bar.add_task(config.label or "bench serve", total=total, status="")
+        # Sequential runs can attribute /metrics deltas to single requests (the per-turn hit rate where
+        # the server does not report cached tokens in its usage).
+        self.attribute = cap == 1 and config.dataset == "multi-turn"
+
+    async def send(self, request: SampleRequest, index: int, at: float, reply: list[str] | None = None):
+        async with self.semaphore:
+            self.in_flight += 1
+            self.peak = max(self.peak, self.in_flight)
+            try:
+                before = await asyncio.to_thread(scrape, self.config.base_url, self.config.api_key) \
+                    if self.attribute else None
+                record = await send_request(self.client, self.config, request, index, self.start, at, reply)
+                if before and record.cached_tokens is None:
+                    after = await asyncio.to_thread(scrape, self.config.base_url, self.config.api_key)
+                    hits = counter_deltas(before, after).get("server_prefix_cache_hits")
+                    record.cached_tokens = None if hits is None else int(hits)
+            finally:
+                self.in_flight -= 1
+        self.out_tokens += record.output_tokens
+        self.failed += not record.success
+        elapsed = time.perf_counter() - self.start
+        self.bar.update(self.task, advance=1, status=f"in flight {self.in_flight}, failed {self.failed}, "
+                                                     f"{self.out_tokens / elapsed:,.0f} out tok/s")
+        return record
+
+    async def one(self, i: int, request: SampleRequest, at: float):
+        send, was_late = await wait_for_turn(at, self.start, self.config)
+        self.late += was_late
+        return await self.send(request, i, at) if send else None
+
+    async def session(self, session: Session, at: float) -> list:
+        """A conversation: each turn sent when the previous reply is in and the think time has passed;
+        its prompt is the whole history (the replies as the server gave them) plus the new message."""
+        history: list[tuple[str, str]] = []
+        records = []
+        chat = self.config.endpoint == "chat"
+        for k, turn in enumerate(session.turns):
+            send, was_late = await wait_for_turn(at, self.start, self.config)
+            self.late += was_late
+            if not send:
+                break
+            prompt = history_prompt(history, turn.message)
+            request = SampleRequest(prompt, turn.message_len, turn.output_len,
+                                    messages=history_messages(history, turn.message) if chat else None)
+            reply: list[str] = []
+            record = await self.send(request, session.index * self.config.num_turns + k, at, reply)
+            record.session, record.turn = session.index, k
+            records.append(record)
+            if not record.success:
+                break  # a conversation cannot go on without its reply
+            history.append((turn.message, "".join(reply)))
+            at = time.perf_counter() - self.start + self.config.think_time
+        return records
+
+    async def in_workers(self, plan: Plan):
+        def show(done: int, tokens: int, errors: int) -> None:  # totals from the worker processes
+            elapsed = time.perf_counter() - self.start
+            self.bar.update(self.task, completed=done, status=f"failed {errors}, {tokens / elapsed:,.0f} out tok/s")
+
+        records, self.late, worker_warnings = await asyncio.to_thread(run_in_workers, self.config, plan.requests,
+                                                                      plan.times, self.cap, show)
+        self.warnings += worker_warnings  # each worker watched its own event loop
+        # Workers start on a common clock a moment after `start`: time the run by its requests.
+        duration = max((r.start_time + (r.e2el or 0.0) for r in records), default=0.0) - min(
+            (r.start_time for r in records), default=0.0)
+        return records, duration
 
 
 def run_serve_benchmark(config: ServeBenchConfig, progress: bool = True) -> BenchResult:
