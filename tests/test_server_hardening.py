@@ -160,9 +160,13 @@ def test_reset_prefix_cache(server):
         httpx.post(server.url + CMPL, headers=AUTH, json={"model": "tiny", "prompt": prompt, "max_tokens": 1})
     hits = metric(server.url, "vllm:prefix_cache_hits_total")
     assert hits > 0
+    warm = httpx.post(server.url + CMPL, headers=AUTH, json={"model": "tiny", "prompt": prompt, "max_tokens": 1})
+    assert warm.json()["usage"]["prompt_tokens_details"]["cached_tokens"] > 0
+    hits = metric(server.url, "vllm:prefix_cache_hits_total")
     assert httpx.post(server.url + "/reset_prefix_cache").status_code == 401
     assert httpx.post(server.url + "/reset_prefix_cache", headers=AUTH).status_code == 200
-    httpx.post(server.url + CMPL, headers=AUTH, json={"model": "tiny", "prompt": prompt, "max_tokens": 1})
+    cold = httpx.post(server.url + CMPL, headers=AUTH, json={"model": "tiny", "prompt": prompt, "max_tokens": 1})
+    assert cold.json()["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
     assert metric(server.url, "vllm:prefix_cache_hits_total") == hits  # cold again
 
 

@@ -254,7 +254,7 @@ def test_sweep_points_get_fresh_seeds_and_a_note_without_reset(null_url, capsys)
 
 def test_ramp_run_keeps_per_window_figures(null_url):
     r = run_serve_benchmark(ServeBenchConfig(base_url=null_url, model="null", num_prompts=60, input_len=4,
-                                             output_len=2, ramp_up="linear", ramp_up_start=20.0, ramp_up_end=140.0,
+                                             output_len=2, ramp_up="linear", ramp_up_start=5.0, ramp_up_end=40.0,
                                              burstiness=100.0, seed=1), progress=False)
     assert r.metrics["completed"] == 60 and len(r.windows) == 10
     sent = [w["sent"] for w in r.windows]

@@ -33,7 +33,7 @@ async def create_chat_completion(serving: OpenAIServing, req: ChatCompletionRequ
                 "stop_reason": c.stop_reason} for c in final.outputs]
     completion_tokens = sum(len(c.token_ids) for c in final.outputs)
     return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": serving.model_name,
-            "choices": choices, "usage": serving.usage(len(ids), completion_tokens)}
+            "choices": choices, "usage": serving.usage(len(ids), completion_tokens, final.num_cached_tokens)}
 
 
 async def stream_chat(serving: OpenAIServing, req: ChatCompletionRequest, rid: str, prompt_len: int, stream):
@@ -43,10 +43,11 @@ async def stream_chat(serving: OpenAIServing, req: ChatCompletionRequest, rid: s
                                         "logprobs": None, "finish_reason": None}]})
     sent_text: dict[int, int] = {}
     sent_tokens: dict[int, int] = {}
-    completion_tokens = 0
+    completion_tokens = cached = 0
     top = req.top_logprobs or 0
     try:
         async for _, out in merge_streams([stream]):
+            cached = out.num_cached_tokens
             error = failed_output_error(out)
             if error is not None:
                 yield sse(error.body())
@@ -66,7 +67,7 @@ async def stream_chat(serving: OpenAIServing, req: ChatCompletionRequest, rid: s
     except (ValueError, EngineDeadError) as exc:
         yield sse(engine_error(exc).body())
     if req.stream_options and req.stream_options.include_usage:
-        yield sse({**head, "choices": [], "usage": serving.usage(prompt_len, completion_tokens)})
+        yield sse({**head, "choices": [], "usage": serving.usage(prompt_len, completion_tokens, cached)})
     yield DONE
 
 

@@ -153,9 +153,11 @@ class OpenAIServing:
         text = render() if size <= INLINE_TOKENIZE_CHARS else await asyncio.to_thread(render)
         return await self.encode(text, add_special_tokens=False)
 
-    def usage(self, prompt_tokens: int, completion_tokens: int) -> dict:
+    def usage(self, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict:
+        """OpenAI's usage; cached_tokens are prompt tokens served by the prefix cache (as vLLM reports)."""
         return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                "total_tokens": prompt_tokens + completion_tokens}
+                "total_tokens": prompt_tokens + completion_tokens,
+                "prompt_tokens_details": {"cached_tokens": cached_tokens}}
 
 
 def _text_content(content, i: int) -> str:

@@ -35,8 +35,9 @@ async def create_completion(serving: OpenAIServing, req: CompletionRequest, raw:
             choices.append({"index": i * req.n + c.index, "text": c.text, "finish_reason": c.finish_reason,
                             "stop_reason": c.stop_reason, "logprobs": completion_logprobs(serving.tokenizer, c, 0, 0)})
     prompt_tokens = sum(len(ids) for _, ids in prompts)
+    cached = sum(out.num_cached_tokens for out in finals)
     return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": serving.model_name,
-            "choices": choices, "usage": serving.usage(prompt_tokens, completion_tokens)}
+            "choices": choices, "usage": serving.usage(prompt_tokens, completion_tokens, cached)}
 
 
 async def stream_completion(serving: OpenAIServing, req: CompletionRequest, rid: str, prompts, streams):
@@ -44,8 +45,10 @@ async def stream_completion(serving: OpenAIServing, req: CompletionRequest, rid:
     sent_text: dict[tuple[int, int], int] = {}
     sent_tokens: dict[tuple[int, int], int] = {}
     completion_tokens = 0
+    cached: dict[int, int] = {}
     try:
         async for i, out in merge_streams(streams):
+            cached[i] = out.num_cached_tokens
             error = failed_output_error(out)
             if error is not None:
                 yield sse(error.body())
@@ -67,7 +70,7 @@ async def stream_completion(serving: OpenAIServing, req: CompletionRequest, rid:
         yield sse(engine_error(exc).body())
     if req.stream_options and req.stream_options.include_usage:
         yield sse({**head, "choices": [], "usage": serving.usage(sum(len(ids) for _, ids in prompts),
-                                                                 completion_tokens)})
+                                                                 completion_tokens, sum(cached.values()))})
     yield DONE
 
 
