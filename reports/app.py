@@ -90,6 +90,12 @@ def runs_page(results: str) -> None:
     if len(selected) >= 2:
         st.pyplot(plots.compare_runs(selected, ["output_throughput", "median_ttft_ms", "p99_ttft_ms",
                                                 "median_tpot_ms"]))
+    workload = plots.workload_figures(selected)
+    if workload:
+        st.subheader("Sessions, traces and ramps")
+        for _, title, fig in workload:
+            st.caption(title)
+            st.pyplot(fig)
     sweeps = data.sweeps(results, runs)
     if sweeps:
         st.subheader("Sweeps")

@@ -35,6 +35,7 @@ def export(storage: str | None, results: str | None, out_dir: str | Path) -> lis
         lines += ["## Benchmark runs", "", plots.percentile_table(serve).to_markdown(index=False), ""]
         for kind in plots.LATENCIES:
             figures.append((f"runs-{kind}.png", f"{kind} distribution", plots.latency_distributions(serve, kind)))
+        figures += plots.workload_figures(serve)
     for name, points in data.sweeps(results, runs).items():
         figures.append((f"{name}-ttft.png", f"Throughput vs TTFT ({name})", plots.sweep_curve(points, "ttft")))
     gates = data.gate_runs(runs)

@@ -249,3 +249,21 @@ def server_telemetry(run: RunFile):
     kv.set_ylabel("KV cache used (%)", color="tab:red")
     ax.legend(loc="upper left", fontsize=8)
     return fig
+
+
+def workload_figures(runs: list[RunFile]) -> list[tuple[str, str, object]]:
+    """(file, title, figure) for what realistic workloads add: TTFT per turn of multi-turn runs, and
+    for trace replays and ramps, latency against time and the server's telemetry."""
+    figures = []
+    per_turn = per_turn_ttft(runs)
+    if per_turn is not None:
+        figures.append(("runs-per-turn-ttft.png", "TTFT per turn (multi-turn runs)", per_turn))
+    for run in runs:
+        if run.result.config.get("dataset") != "trace" and not run.result.config.get("ramp_up"):
+            continue
+        slug = "".join(c if c.isalnum() or c in "-_" else "-" for c in run.name)
+        for kind, plot in (("latency-over-time", latency_over_time), ("telemetry", server_telemetry)):
+            fig = plot(run)
+            if fig is not None:
+                figures.append((f"run-{slug}-{kind}.png", f"{kind.replace('-', ' ')}: {run.name}", fig))
+    return figures

@@ -365,3 +365,20 @@ def test_report_plots_for_workloads(tmp_path):
     empty = RunFile(tmp_path / "e.json", BenchResult())
     assert plots.per_turn_ttft([empty]) is None and plots.server_telemetry(empty) is None
     assert plots.latency_over_time(empty) is None
+
+
+def test_exported_report_draws_the_workload_figures(tmp_path):
+    """`workbench report --export` includes per-turn TTFT and, for a trace replay, latency over time
+    and the server's telemetry."""
+    from reports.export import export
+    from workbench.results import BenchResult
+    records = [rec(0, 0, 0, 0.1, 1, session=0, turn=0, cached=0), rec(1, 1, 1, 0.1, 1, session=0, turn=1, cached=50)]
+    result = BenchResult(label="trace run", config={"dataset": "trace"}, requests=records, turns=per_turn(records),
+                         windows=windows(records, 2.0),
+                         telemetry=[{"t": 0.0, "running": 1, "waiting": 0, "kv_cache_usage": 0.1},
+                                    {"t": 1.0, "running": 2, "waiting": 1, "kv_cache_usage": 0.3}])
+    runs = tmp_path / "results"
+    runs.mkdir()
+    result.save(runs / "trace.json")
+    written = {p.name for p in export(None, str(runs), tmp_path / "out")}
+    assert {"runs-per-turn-ttft.png", "run-trace-run-latency-over-time.png", "run-trace-run-telemetry.png"} <= written
