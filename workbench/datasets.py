@@ -238,8 +238,8 @@ def read_jsonl(path: Path) -> list[tuple[str, int | None]]:
     return rows
 
 
-def read_sharegpt(path: Path) -> list[tuple[str, str | None]]:
-    """First human turn as the prompt, the reply as the expected output (its length in tokens)."""
+def load_sharegpt(path: Path) -> list:
+    """A ShareGPT file's list of conversations (each {"conversations": [{"from", "value"}, ...]})."""
     if not path.is_file():
         raise ValueError(f"{path}: no such file")
     try:
@@ -248,6 +248,12 @@ def read_sharegpt(path: Path) -> list[tuple[str, str | None]]:
         raise ValueError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
     if not isinstance(data, list):
         raise ValueError(f"{path}: a ShareGPT file is a JSON list of conversations")
+    return data
+
+
+def read_sharegpt(path: Path) -> list[tuple[str, str | None]]:
+    """First human turn as the prompt, the reply as the expected output (its length in tokens)."""
+    data = load_sharegpt(path)
     rows = []
     for item in data:
         turns = item.get("conversations") if isinstance(item, dict) else None

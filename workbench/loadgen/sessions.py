@@ -6,12 +6,11 @@ lengths. ShareGPT: each conversation replayed turn by turn (its human turns as t
 recorded replies' lengths as the output lengths), up to `num_turns` turns."""
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from workbench.datasets import PromptMaker, parse_length
+from workbench.datasets import PromptMaker, load_sharegpt, parse_length
 
 
 @dataclass
@@ -53,14 +52,7 @@ def sharegpt_sessions(path: str | Path, num: int, num_turns: int, count, rng: ra
 
 
 def _read_conversations(path: Path) -> list[list[tuple[str, str]]]:
-    if not path.is_file():
-        raise ValueError(f"{path}: no such file")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
-    if not isinstance(data, list):
-        raise ValueError(f"{path}: a ShareGPT file is a JSON list of conversations")
+    data = load_sharegpt(path)
     conversations = []
     for item in data:
         turns = item.get("conversations") if isinstance(item, dict) else None
