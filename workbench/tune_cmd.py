@@ -23,7 +23,7 @@ def tune(study: str = typer.Argument(None, help="study file or name (studies/NAM
          model: str = typer.Option(None, help="override the study's model"),
          results_dir: Path = typer.Option(Path("results"), help="where trial results and the best config go")) -> None:
     """Find the engine settings that serve a workload best within its constraints."""
-    from workbench.tune.runner import TuneOptions, run_study, summarize
+    from workbench.tune.runner import TuneOptions, run_study, run_validation, summarize
     from workbench.tune.study_file import StudyError, find_study, load_study
 
     try:
@@ -47,13 +47,14 @@ def tune(study: str = typer.Argument(None, help="study file or name (studies/NAM
                   f"{opts.n_trials or spec.study.n_trials or 'unlimited'} trials, storage {storage}")
     try:
         ostudy = run_study(spec, text, opts)
+        validation = run_validation(ostudy, spec, opts)
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/]: finished trials are stored; run the same command again to resume")
         raise typer.Exit(130) from None
     except Exception as exc:  # storage unreachable, bad URL, ...
         console.print(f"[red]error:[/] {type(exc).__name__}: {exc}")
         raise typer.Exit(1) from None
-    summary = summarize(ostudy, spec, opts)
+    summary = summarize(ostudy, spec, opts, validation)
     show(summary)
     console.print(f"best configuration written to {summary['path']}")
     console.print(f"open the report: workbench report --storage {storage} --results {results_dir}")
@@ -71,9 +72,19 @@ def show(summary: dict) -> None:
     table.add_column("trial", justify="right")
     for o in summary["objectives"]:
         table.add_column(o["metric"], justify="right")
+    table.add_column("vs defaults")
     table.add_column("command")
-    for b in summary["best"]:
-        table.add_row(str(b["trial"]), *(f"{v:,.2f}" for v in b["values"]), b["serve_command"])
+    rows = summary["best"] + ([summary["defaults"] | {"vs_defaults": "baseline"}] if summary["defaults"] else [])
+    for b in rows:
+        name = f"{b['trial']} (defaults)" if b.get("label") == "defaults" else str(b["trial"])
+        table.add_row(name, *(f"{v:,.2f}" for v in b["values"]), b["vs_defaults"], b["serve_command"])
     Console().print(table)
+    if summary["validation"]:
+        v = summary["validation"]
+        console.print(f"validated over {v['rounds']} interleaved rounds: [bold]{v['verdict']}[/]")
+        if "recommended" in summary:
+            console.print(f"recommended: {summary['recommended']['serve_command']}")
+    else:
+        console.print(summary["verdict"])
 
 
