@@ -65,7 +65,16 @@ def make_sampler(study: StudyFile):
         return optuna.samplers.NSGAIISampler(seed=seed)
     if study.study.sampler == "random":
         return optuna.samplers.RandomSampler(seed=seed)
-    return optuna.samplers.GridSampler(grid_of(study), seed=seed)
+    return DefaultsAwareGrid(grid_of(study), seed=seed)
+
+
+class DefaultsAwareGrid(optuna.samplers.GridSampler):
+    """Optuna's grid, except that a trial outside it (the enqueued defaults) does not end it: the
+    stock after_trial reads every trial's grid_id."""
+
+    def after_trial(self, study, trial, state, values) -> None:
+        if "grid_id" in trial.system_attrs:
+            super().after_trial(study, trial, state, values)
 
 
 def grid_of(study: StudyFile) -> dict[str, list]:

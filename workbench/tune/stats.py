@@ -31,11 +31,11 @@ class Comparison:
     def verdict(self) -> str:
         if not self.significant:
             return "no significant gain over defaults"
-        sign = 1 if self.maximize else -1
-        pct = lambda r: f"{100 * sign * (r - 1):+.1f}%"  # noqa: E731
-        lo, hi = (self.ci_low, self.ci_high) if self.maximize else (self.ci_high, self.ci_low)
-        word = "" if self.maximize else " (lower)"
-        return f"{pct(self.median_ratio)}{word} over defaults [{pct(lo)}, {pct(hi)}]"
+        if self.maximize:
+            pct = lambda r: f"{100 * (r - 1):+.1f}%"  # noqa: E731
+            return f"{pct(self.median_ratio)} over defaults [{pct(self.ci_low)}, {pct(self.ci_high)}]"
+        pct = lambda r: f"{100 * (1 - r):.1f}%"  # noqa: E731
+        return f"{pct(self.median_ratio)} lower than defaults [{pct(self.ci_high)}, {pct(self.ci_low)}]"
 
     def as_dict(self) -> dict:
         return asdict(self) | {"significant": self.significant, "verdict": self.verdict()}

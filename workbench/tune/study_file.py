@@ -86,7 +86,7 @@ class StudyMeta(BaseModel):
     trial_timeout: float = Field(1800.0, gt=0)  # seconds a trial's workload may take
     baseline: bool = True  # trial 0 runs the defaults: only the [server] flags
     repeats: int = Field(1, ge=1)  # runs per trial against one server; the median is the value
-    validate_rounds: int = Field(0, ge=0, alias="validate")  # (named so: BaseModel has a validate) interleaved re-runs of the top configurations and the defaults (>= 4 to tell)
+    validate_rounds: int = Field(0, ge=0, alias="validate")  # interleaved re-runs of the best and the defaults (>= 4 to tell); "validate" in TOML (BaseModel has a validate)
     validate_top: int = Field(2, ge=1)  # how many of the best configurations to re-run
     prune: float | None = Field(None, gt=0, le=1)  # stop a trial after its first repeat below this share of the best
     device_memory: str | None = None  # for the memory pre-check, e.g. "80GiB"; default: this machine's GPU
