@@ -69,6 +69,7 @@ def test_malformed_study_names_the_field(tmp_path, body, field):
     assert r.exit_code == 2 and "Traceback" not in r.output
 
 
+@pytest.mark.slow
 def test_short_study_on_tiny_with_real_servers(tmp_path):
     path = study_file(tmp_path, f"""
         [study]
@@ -106,6 +107,7 @@ def test_short_study_on_tiny_with_real_servers(tmp_path):
     assert "vs defaults" in best["vs_defaults"] or best["vs_defaults"] == "the defaults"
 
 
+@pytest.mark.slow
 def test_failed_configurations_are_infeasible_and_the_study_goes_on(tmp_path):
     """A server that cannot start, and a KV cache too small for one sequence (refused before any launch),
     are COMPLETE trials with a violated 'runs' constraint, so a constrained sampler learns the region."""

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 console = Console(stderr=True)
@@ -74,17 +75,23 @@ def show(summary: dict) -> None:
         table.add_column(o["metric"], justify="right")
     table.add_column("vs defaults")
     table.add_column("command")
-    rows = summary["best"] + ([summary["defaults"] | {"vs_defaults": "baseline"}] if summary["defaults"] else [])
+    rows = list(summary["best"])
+    for c in (summary["validation"] or {}).get("candidates", []):  # validated, though not the search's best
+        if c["trial"] not in [b["trial"] for b in rows] and c["median"] is not None:
+            rows.append({"trial": c["trial"], "values": [c["median"]], "vs_defaults": c["comparison"]["verdict"],
+                         "serve_command": c.get("serve_command", "")})
+    if summary["defaults"] and summary["defaults"]["trial"] not in [b["trial"] for b in rows]:
+        rows.append(summary["defaults"] | {"vs_defaults": "baseline"})
     for b in rows:
         name = f"{b['trial']} (defaults)" if b.get("label") == "defaults" else str(b["trial"])
         table.add_row(name, *(f"{v:,.2f}" for v in b["values"]), b["vs_defaults"], b["serve_command"])
     Console().print(table)
     if summary["validation"]:
         v = summary["validation"]
-        console.print(f"validated over {v['rounds']} interleaved rounds: [bold]{v['verdict']}[/]")
+        console.print(f"validated over {v['rounds']} interleaved rounds: [bold]{escape(v['verdict'])}[/]")
         if "recommended" in summary:
             console.print(f"recommended: {summary['recommended']['serve_command']}")
     else:
-        console.print(summary["verdict"])
+        console.print(summary["verdict"], markup=False)
 
 

@@ -309,7 +309,9 @@ def summarize(ostudy: optuna.Study, study: StudyFile, opts: TuneOptions, validat
                "defaults": entry(defaults) if defaults else None,
                "best": [entry(t) | {"vs_defaults": checked.get(t.number) or _search_ratio(t, defaults)} for t in best],
                "validation": validation,
-               "verdict": validation["verdict"] if validation else "not validated (set validate >= 4 in [study])"}
+               "verdict": validation["verdict"] if validation else "not validated (validate = 0)"}
+    for c in (validation or {}).get("candidates", []):
+        c["serve_command"] = serve_command(model, c["flags"])
     if validation:
         winner = next((t for t in trials if t.number == validation["winner"]), None)
         flags = winner.user_attrs["flags"] if winner else dict(study.server)
