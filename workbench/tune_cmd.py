@@ -22,6 +22,9 @@ def tune(study: str = typer.Argument(None, help="study file or name (studies/NAM
          launch: str = typer.Option(None, help="server command template, e.g. \"vllm serve {model} --port {port} "
                                                "{flags}\" ({host} too); default: this engine's server"),
          model: str = typer.Option(None, help="override the study's model"),
+         repeats: int = typer.Option(None, min=1, help="override the study's repeats (runs per trial)"),
+         validate: int = typer.Option(None, min=0, help="override the study's validate (interleaved re-runs; "
+                                                         "0: none, e.g. for all but the last of several sittings)"),
          results_dir: Path = typer.Option(Path("results"), help="where trial results and the best config go")) -> None:
     """Find the engine settings that serve a workload best within its constraints."""
     from workbench.tune.runner import TuneOptions, run_study, run_validation, summarize
@@ -35,6 +38,13 @@ def tune(study: str = typer.Argument(None, help="study file or name (studies/NAM
         raise typer.Exit(2) from None
     if model:
         spec.study.model = model
+    if repeats:
+        spec.study.repeats = repeats
+    if validate is not None:
+        if validate == 1:
+            console.print("[red]error:[/] --validate: give 0 (off) or at least 2")
+            raise typer.Exit(2)
+        spec.study.validate_rounds = validate
     if launch and "{port}" not in launch:
         console.print("[red]error:[/] --launch must contain {port} (and usually {model} and {flags})")
         raise typer.Exit(2)
