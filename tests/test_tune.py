@@ -69,6 +69,7 @@ def test_malformed_study_names_the_field(tmp_path, body, field):
     assert r.exit_code == 2 and "Traceback" not in r.output
 
 
+@pytest.mark.slow
 def test_short_study_on_tiny_with_real_servers(tmp_path):
     path = study_file(tmp_path, f"""
         [study]
@@ -91,6 +92,9 @@ def test_short_study_on_tiny_with_real_servers(tmp_path):
     study = optuna.load_study(study_name="short", storage=f"sqlite:///{tmp_path / 'res' / 'tune.db'}")
     trials = study.get_trials()
     assert len(trials) == 3 and all(t.state.name == "COMPLETE" for t in trials)
+    assert trials[0].user_attrs["label"] == "defaults" and trials[0].params == {}
+    assert trials[0].user_attrs["flags"] == {"max_model_len": 256, "kv_cache_memory": "16MiB"}
+    assert trials[0].user_attrs["serve_command"].endswith("--max-model-len 256 --kv-cache-memory 16MiB")
     for t in trials:
         assert t.user_attrs["metrics"]["completed"] == 8
         assert Path(t.user_attrs["result_file"]).is_file()
@@ -100,25 +104,41 @@ def test_short_study_on_tiny_with_real_servers(tmp_path):
     assert best["metrics"]["error_rate"] == 0 and best["metrics"]["p99_ttft_ms"] <= 20000
     assert best["serve_command"].startswith("workbench serve tiny --max-model-len 256")
     assert best["values"][0] == max(t.values[0] for t in trials)
+    assert "vs defaults" in best["vs_defaults"] or best["vs_defaults"] == "the defaults"
 
 
-def test_failed_start_is_recorded_and_the_study_goes_on(tmp_path):
-    path = study_file(tmp_path, f"""
+@pytest.mark.slow
+def test_failed_configurations_are_infeasible_and_the_study_goes_on(tmp_path):
+    """A server that cannot start, and a KV cache too small for one sequence (refused before any launch),
+    are COMPLETE trials with a violated 'runs' constraint, so a constrained sampler learns the region."""
+    path = study_file(tmp_path, """
         [study]
         name = "fails"
         model = "tiny"
-        n_trials = 2
+        n_trials = 4
         sampler = "grid"
-        {TINY_SERVER}
+        baseline = false
+        [server]
+        max_model_len = 256
         [search_space]
-        block_size = {{ type = "categorical", choices = [7, 16] }}
+        block_size = { type = "categorical", choices = [7, 16] }
+        kv_cache_memory = { type = "categorical", choices = ["16KiB", "16MiB"] }
         """ + WORKLOAD)
     r = CliRunner().invoke(app, ["tune", str(path), "--results-dir", str(tmp_path)])
     assert r.exit_code == 0, r.output
     study = optuna.load_study(study_name="fails", storage=f"sqlite:///{tmp_path / 'tune.db'}")
-    states = {t.params["block_size"]: t for t in study.get_trials()}
-    assert states[7].state.name == "FAIL" and "block_size" in states[7].user_attrs["fail_reason"]
-    assert states[16].state.name == "COMPLETE"
+    by = {(t.params["block_size"], t.params["kv_cache_memory"]): t for t in study.get_trials()}
+    assert len(by) == 4 and all(t.state.name == "COMPLETE" for t in by.values())
+    assert by[(16, "16MiB")].constraints["runs"] == 0 and "fail_kind" not in by[(16, "16MiB")].user_attrs
+    refused = by[(16, "16KiB")]
+    assert refused.user_attrs["fail_kind"] == "precheck" and "max_model_len" in refused.user_attrs["fail_reason"]
+    assert "serve_command" not in refused.user_attrs, "refused before a server was launched"
+    crashed = by[(7, "16MiB")]
+    assert crashed.user_attrs["fail_kind"] == "start" and "block_size" in crashed.user_attrs["fail_reason"]
+    for t in (refused, crashed):
+        assert t.constraints["runs"] == 1 and t.values == [0.0]
+    best = __import__("json").loads((tmp_path / "fails-best.json").read_text())["best"]
+    assert [b["trial"] for b in best] == [by[(16, "16MiB")].number]
 
 
 CHEAP = """
@@ -174,3 +194,142 @@ def test_two_workers_share_one_postgres_study(tmp_path, postgres):
     assert 8 <= len(finished) == len(trials) <= 9, "each worker may finish one trial past the target, no more"
     assert all(t.state.name == "COMPLETE" and Path(t.user_attrs["result_file"]).is_file() for t in trials)
     assert all(("trial" in o) for o in outputs), "both workers ran trials"
+
+
+# ---------------------------------------------------------------- pure pieces: statistics, capacity, pre-check
+def test_compare_finds_a_real_gain_and_refuses_noise():
+    from workbench.tune.stats import compare
+
+    gain = compare([110, 112, 109, 111, 113], [100, 101, 99, 102, 100])
+    assert gain.significant and gain.median_ratio == pytest.approx(1.11) and gain.ci_low > 1.0
+    assert gain.verdict().startswith("+11.0% over defaults [")
+    same = compare([100, 102, 99, 101, 100], [101, 100, 102, 99, 100])
+    assert not same.significant and same.verdict() == "no significant gain over defaults"
+    worse = compare([90, 91, 89, 92], [100, 101, 99, 102])
+    assert not worse.significant and worse.p_value > 0.5
+    lower = compare([90, 91, 89, 92], [100, 101, 99, 102], maximize=False)
+    assert lower.significant and lower.verdict().startswith("10.0% lower than defaults [8.0%, 11.9%]")
+    with pytest.raises(ValueError, match="at least 2"):
+        compare([1.0], [1.0, 2.0])
+
+
+@pytest.mark.parametrize("true_capacity,expected", [(0.1, 0.0), (3.0, (2.5, 3.0)), (9.5, (8.0, 9.5)),
+                                                     (1e6, 1024.0)])
+def test_capacity_search_brackets_then_bisects(true_capacity, expected):
+    from workbench.tune.capacity import CapacitySpec, search
+
+    spec = CapacitySpec(slo={"ttft": 500, "tpot": 50}, max_probes=12)
+    seen = []
+
+    def probe(rate):
+        seen.append(rate)
+        return {"error_rate": 0.0, "p99_ttft_ms": 100 if rate <= true_capacity else 900, "p99_tpot_ms": 10}
+
+    found = search(spec, probe)
+    if isinstance(expected, tuple):
+        assert expected[0] <= found.capacity <= expected[1]
+        assert len(seen) <= 8, "a few probes, not a scan"
+    else:
+        assert found.capacity == expected
+    assert [p["value"] for p in found.probes] == seen
+    assert all(p["passed"] == (p["value"] <= true_capacity) for p in found.probes)
+
+
+def test_capacity_counts_errors_and_missing_figures_as_misses():
+    from workbench.tune.capacity import CapacitySpec
+
+    spec = CapacitySpec(slo={"e2el": 1000})
+    assert spec.misses({"error_rate": 0.0, "p99_e2el_ms": 999}) == []
+    assert spec.misses({"error_rate": 0.1, "p99_e2el_ms": 10})
+    assert spec.misses({"error_rate": 0.0, "p99_e2el_ms": None})
+    with pytest.raises(ValueError, match="unknown SLO"):
+        CapacitySpec(slo={"latency": 3})
+
+
+def test_memory_precheck():
+    from workbench.tune.precheck import refuse
+
+    GiB = 1 << 30
+    assert refuse("tiny", {"max_model_len": 512, "kv_cache_memory": "64MiB"}, None)[0] is None
+    assert "max_model_len" in refuse("tiny", {"max_model_len": 512, "kv_cache_memory": "64KiB"}, None)[0]
+    assert "max_num_seqs" in refuse("tiny", {"max_num_seqs": 64, "max_num_batched_tokens": 32}, None)[0]
+    # The 7B shape in bf16 is ~15 GiB of weights: 20% of 80 GiB leaves room, 15% does not.
+    why, est = refuse("qwen2.5-7b", {"max_model_len": 4096, "gpu_memory_utilization": 0.2}, 80 * GiB)
+    assert why is None and 14 * GiB < est["weight_bytes"] < 16 * GiB and est["kv_bytes_per_token"] == 57344
+    assert "gpu_memory_utilization" in refuse("qwen2.5-7b", {"gpu_memory_utilization": 0.15}, 80 * GiB)[0]
+    assert "exceed" in refuse("qwen2.5-7b", {"kv_cache_memory": "70GiB"}, 80 * GiB)[0]
+    assert refuse("some-org/unknown-model", {"max_model_len": 10}, 80 * GiB) == (None, {})
+
+
+# ---------------------------------------------------------------- cheap end-to-end runs on the no-compute server
+NULL_FLAGS = f"{sys.executable} -m workbench.loadgen.null_server --port {{port}} --model {{model}} {{flags}}"
+
+
+@pytest.mark.slow
+def test_slo_capacity_is_the_trial_value(tmp_path):
+    """delay 0: every probe meets TPOT <= 20 ms up to the top of the range; 50 ms a token: none does."""
+    path = study_file(tmp_path, """
+        [study]
+        name = "cap"
+        model = "null"
+        n_trials = 3
+        sampler = "grid"
+        [search_space]
+        delay_ms = { type = "categorical", choices = [0, 50] }
+        [workload]
+        num_prompts = 6
+        input_len = 8
+        output_len = 4
+        [capacity]
+        slo = { tpot = 20 }
+        start = 2
+        low = 1
+        high = 8
+        [[objectives]]
+        metric = "slo_capacity"
+        direction = "maximize"
+        """)
+    r = CliRunner().invoke(app, ["tune", str(path), "--results-dir", str(tmp_path), "--launch", NULL_FLAGS])
+    assert r.exit_code == 0, r.output
+    trials = optuna.load_study(study_name="cap", storage=f"sqlite:///{tmp_path / 'tune.db'}").get_trials()
+    assert trials[0].user_attrs["label"] == "defaults" and trials[0].values == [8.0]
+    by = {t.params["delay_ms"]: t for t in trials[1:]}
+    assert by[0].values == [8.0] and [p["value"] for p in by[0].user_attrs["probes"][0]] == [2, 4, 8]
+    assert by[50].values == [0.0] and [p["value"] for p in by[50].user_attrs["probes"][0]] == [2, 1]
+    assert all(not p["passed"] and "tpot" in p["misses"][0] for p in by[50].user_attrs["probes"][0])
+
+
+@pytest.mark.slow
+def test_repeats_and_interleaved_validation_against_the_defaults(tmp_path):
+    """A known answer: maximizing TPOT, a 5 ms delay a token beats the defaults (no delay) for sure."""
+    path = study_file(tmp_path, """
+        [study]
+        name = "val"
+        model = "null"
+        n_trials = 2
+        sampler = "grid"
+        repeats = 2
+        validate = 4
+        validate_top = 1
+        [search_space]
+        delay_ms = { type = "categorical", choices = [5] }
+        [workload]
+        num_prompts = 4
+        input_len = 8
+        output_len = 5
+        [[objectives]]
+        metric = "median_tpot_ms"
+        direction = "maximize"
+        """)
+    r = CliRunner().invoke(app, ["tune", str(path), "--results-dir", str(tmp_path), "--launch", NULL_FLAGS])
+    assert r.exit_code == 0, r.output
+    trials = optuna.load_study(study_name="val", storage=f"sqlite:///{tmp_path / 'tune.db'}").get_trials()
+    assert all(len(t.user_attrs["samples"]["median_tpot_ms"]) == 2 for t in trials)
+    assert all(len(t.user_attrs["result_files"]) == 2 for t in trials)
+    best = __import__("json").loads((tmp_path / "val-best.json").read_text())
+    v = best["validation"]
+    assert v["order"] == ["defaults", "1"] and len(v["defaults"]["samples"]) == 4
+    assert len(v["candidates"][0]["samples"]) == 4 and v["winner"] == 1
+    assert v["verdict"].startswith("+") and "over defaults [" in v["verdict"] == best["verdict"] != ""
+    assert best["best"][0]["vs_defaults"] == v["verdict"] and "--delay-ms 5" in best["recommended"]["serve_command"]
+    assert "over defaults" in r.output

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 console = Console(stderr=True)
@@ -21,9 +22,12 @@ def tune(study: str = typer.Argument(None, help="study file or name (studies/NAM
          launch: str = typer.Option(None, help="server command template, e.g. \"vllm serve {model} --port {port} "
                                                "{flags}\" ({host} too); default: this engine's server"),
          model: str = typer.Option(None, help="override the study's model"),
+         repeats: int = typer.Option(None, min=1, help="override the study's repeats (runs per trial)"),
+         validate: int = typer.Option(None, min=0, help="override the study's validate (interleaved re-runs; "
+                                                         "0: none, e.g. for all but the last of several sittings)"),
          results_dir: Path = typer.Option(Path("results"), help="where trial results and the best config go")) -> None:
     """Find the engine settings that serve a workload best within its constraints."""
-    from workbench.tune.runner import TuneOptions, run_study, summarize
+    from workbench.tune.runner import TuneOptions, run_study, run_validation, summarize
     from workbench.tune.study_file import StudyError, find_study, load_study
 
     try:
@@ -34,6 +38,13 @@ def tune(study: str = typer.Argument(None, help="study file or name (studies/NAM
         raise typer.Exit(2) from None
     if model:
         spec.study.model = model
+    if repeats:
+        spec.study.repeats = repeats
+    if validate is not None:
+        if validate == 1:
+            console.print("[red]error:[/] --validate: give 0 (off) or at least 2")
+            raise typer.Exit(2)
+        spec.study.validate_rounds = validate
     if launch and "{port}" not in launch:
         console.print("[red]error:[/] --launch must contain {port} (and usually {model} and {flags})")
         raise typer.Exit(2)
@@ -47,13 +58,14 @@ def tune(study: str = typer.Argument(None, help="study file or name (studies/NAM
                   f"{opts.n_trials or spec.study.n_trials or 'unlimited'} trials, storage {storage}")
     try:
         ostudy = run_study(spec, text, opts)
+        validation = run_validation(ostudy, spec, opts)
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/]: finished trials are stored; run the same command again to resume")
         raise typer.Exit(130) from None
     except Exception as exc:  # storage unreachable, bad URL, ...
         console.print(f"[red]error:[/] {type(exc).__name__}: {exc}")
         raise typer.Exit(1) from None
-    summary = summarize(ostudy, spec, opts)
+    summary = summarize(ostudy, spec, opts, validation)
     show(summary)
     console.print(f"best configuration written to {summary['path']}")
     console.print(f"open the report: workbench report --storage {storage} --results {results_dir}")
@@ -71,9 +83,25 @@ def show(summary: dict) -> None:
     table.add_column("trial", justify="right")
     for o in summary["objectives"]:
         table.add_column(o["metric"], justify="right")
+    table.add_column("vs defaults")
     table.add_column("command")
-    for b in summary["best"]:
-        table.add_row(str(b["trial"]), *(f"{v:,.2f}" for v in b["values"]), b["serve_command"])
+    rows = list(summary["best"])
+    for c in (summary["validation"] or {}).get("candidates", []):  # validated, though not the search's best
+        if c["trial"] not in [b["trial"] for b in rows] and c["median"] is not None:
+            rows.append({"trial": c["trial"], "values": [c["median"]], "vs_defaults": c["comparison"]["verdict"],
+                         "serve_command": c.get("serve_command", "")})
+    if summary["defaults"] and summary["defaults"]["trial"] not in [b["trial"] for b in rows]:
+        rows.append(summary["defaults"] | {"vs_defaults": "baseline"})
+    for b in rows:
+        name = f"{b['trial']} (defaults)" if b.get("label") == "defaults" else str(b["trial"])
+        table.add_row(name, *(f"{v:,.2f}" for v in b["values"]), b["vs_defaults"], b["serve_command"])
     Console().print(table)
+    if summary["validation"]:
+        v = summary["validation"]
+        console.print(f"validated over {v['rounds']} interleaved rounds: [bold]{escape(v['verdict'])}[/]")
+        if "recommended" in summary:
+            console.print(f"recommended: {summary['recommended']['serve_command']}")
+    else:
+        console.print(summary["verdict"], markup=False)
 
 

@@ -16,10 +16,12 @@ from optuna.trial import TrialState
 from rich.console import Console
 
 from workbench.tune.study_file import StudyFile
-from workbench.tune.trial import TrialFailed, render_flags, run_trial
+from workbench.tune import precheck
+from workbench.tune.trial import TrialFailed, measure, render_flags
+from workbench.tune.validate import candidates, validate
 
 console = Console(stderr=True)
-FINISHED = (TrialState.COMPLETE, TrialState.FAIL)
+FINISHED = (TrialState.COMPLETE, TrialState.FAIL, TrialState.PRUNED)
 
 
 @dataclass
@@ -63,7 +65,16 @@ def make_sampler(study: StudyFile):
         return optuna.samplers.NSGAIISampler(seed=seed)
     if study.study.sampler == "random":
         return optuna.samplers.RandomSampler(seed=seed)
-    return optuna.samplers.GridSampler(grid_of(study), seed=seed)
+    return DefaultsAwareGrid(grid_of(study), seed=seed)
+
+
+class DefaultsAwareGrid(optuna.samplers.GridSampler):
+    """Optuna's grid, except that a trial outside it (the enqueued defaults) does not end it: the
+    stock after_trial reads every trial's grid_id."""
+
+    def after_trial(self, study, trial, state, values) -> None:
+        if "grid_id" in trial.system_attrs:
+            super().after_trial(study, trial, state, values)
 
 
 def grid_of(study: StudyFile) -> dict[str, list]:
@@ -110,47 +121,113 @@ def run_study(study: StudyFile, study_text: str, opts: TuneOptions) -> optuna.St
     if n_trials is not None and done >= n_trials:
         console.print(f"study {opts.study_name!r} already has {done} finished trials (of {n_trials}); nothing to run")
         return ostudy
+    if study.study.baseline and not ostudy.get_trials(deepcopy=False):
+        # Enqueued, so that whichever worker takes trial 0 runs it, and no sampler spends a point on it.
+        ostudy.enqueue_trial({}, user_attrs={"label": "defaults"})
+    own_engine = opts.launch is None or study.workload.type == "throughput"
+    memory = precheck.device_memory(study.study.device_memory) if own_engine else None
+    seeds = [study.workload.seed + i for i in range(study.study.repeats)]
 
     def objective(trial: optuna.Trial):
-        flags = suggest(trial, study)
-        all_flags = {**study.server, **flags}
+        is_defaults = trial.user_attrs.get("label") == "defaults"
+        all_flags = {**study.server, **({} if is_defaults else suggest(trial, study))}
         trial.set_user_attr("flags", all_flags)
-        label = f"{opts.study_name}-trial{trial.number}"
         try:
-            outcome = run_trial(study, all_flags, opts.results_dir, opts.launch, label)
-        except Exception as exc:  # any failure is this trial's, recorded; the study goes on
-            reason = str(exc) if isinstance(exc, TrialFailed) else f"{type(exc).__name__}: {exc}"
+            if own_engine:  # the pre-check knows this engine's rules and defaults, not another server's
+                why, estimate = precheck.refuse(study.study.model, all_flags, memory)
+                trial.set_user_attr("memory_estimate", estimate)
+                if why:
+                    raise TrialFailed(why, "precheck")
+            m = measure(study, all_flags, opts.results_dir, opts.launch, f"{opts.study_name}-trial{trial.number}",
+                        seeds, after_repeat=lambda i, runs: _maybe_prune(trial, ostudy, study, i, runs))
+        except TrialFailed as exc:
+            return _infeasible(trial, study, n_trials, exc)
+        except optuna.TrialPruned:
+            _report(trial.number, n_trials, "pruned", "clearly below the best after its first run")
+            raise
+        except Exception as exc:  # a fault of ours or of the workload, not of the configuration
+            reason = f"{type(exc).__name__}: {exc}"
             trial.set_user_attr("fail_reason", reason)
             _report(trial.number, n_trials, "FAILED", reason[:200])
-            raise TrialFailed(reason) from exc
-        trial.set_user_attr("serve_command", outcome.command)
-        trial.set_user_attr("result_file", outcome.result_file)
-        trial.set_user_attr("metrics", _json_safe(outcome.metrics))
-        violations = [c.violation(outcome.metrics) for c in study.constraints]
-        trial.set_user_attr("constraints", violations)
-        for c, v in zip(study.constraints, violations):
-            trial.set_constraint(f"{c.metric} {c.op} {c.value:g}", v)
-        values = []
-        for o in study.objectives:
-            v = outcome.metrics.get(o.metric)
-            if v is None:
-                trial.set_user_attr("fail_reason", f"the workload did not report {o.metric!r}")
-                raise TrialFailed(f"metric {o.metric!r} missing from the results")
-            values.append(float(v))
-        feasible = all(v <= 0 for v in trial.user_attrs["constraints"])
-        _report(trial.number, n_trials, "ok" if feasible else "infeasible",
-                ", ".join(f"{o.metric}={v:,.2f}" for o, v in zip(study.objectives, values)))
-        return values[0] if len(values) == 1 else values
+            raise TrialError(reason) from exc
+        return _complete(trial, study, n_trials, m, is_defaults)
 
     callbacks = [MaxTrialsCallback(n_trials, states=FINISHED)] if n_trials else []
     # No n_trials here: MaxTrialsCallback counts the finished trials of every worker sharing the study.
-    ostudy.optimize(objective, timeout=opts.timeout or study.study.timeout, catch=(TrialFailed,),
+    ostudy.optimize(objective, timeout=opts.timeout or study.study.timeout, catch=(TrialError,),
                     callbacks=callbacks, gc_after_trial=True)
     return ostudy
 
 
+class TrialError(Exception):
+    """A trial that broke for a reason other than its configuration: an Optuna FAIL."""
+
+
+def _complete(trial: optuna.Trial, study: StudyFile, n_trials: int | None, m, is_defaults: bool):
+    trial.set_user_attr("serve_command", m.command)
+    trial.set_user_attr("result_file", m.result_files[0] if m.result_files else "")
+    trial.set_user_attr("result_files", m.result_files)
+    trial.set_user_attr("metrics", _json_safe(m.metrics))
+    trial.set_user_attr("samples", {o.metric: m.samples.get(o.metric) for o in study.objectives})
+    if any(m.probes):
+        trial.set_user_attr("probes", m.probes)
+    violations = [c.violation(m.metrics) for c in study.constraints]
+    trial.set_user_attr("constraints", violations)
+    trial.set_constraint("runs", 0.0)
+    for c, v in zip(study.constraints, violations):
+        trial.set_constraint(f"{c.metric} {c.op} {c.value:g}", v)
+    values = []
+    for o in study.objectives:
+        v = m.metrics.get(o.metric)
+        if v is None:
+            trial.set_user_attr("fail_reason", f"the workload did not report {o.metric!r}")
+            raise TrialError(f"metric {o.metric!r} missing from the results")
+        values.append(float(v))
+    feasible = all(v <= 0 for v in violations)
+    spread = "; ".join(f"{o.metric} {_spread(m.samples.get(o.metric))}" for o in study.objectives
+                       if len(m.samples.get(o.metric) or []) > 1)
+    _report(trial.number, n_trials, "ok" if feasible else "infeasible",
+            ("defaults: " if is_defaults else "") + ", ".join(f"{o.metric}={v:,.2f}" for o, v in
+                                                              zip(study.objectives, values))
+            + (f" (repeats: {spread})" if spread else ""))
+    return values[0] if len(values) == 1 else values
+
+
+def _infeasible(trial: optuna.Trial, study: StudyFile, n_trials: int | None, exc: TrialFailed):
+    """A configuration that cannot run is a result: COMPLETE, with a violated 'runs' constraint (so
+    constrained TPE and NSGA-II learn the region), and the worst value of each objective."""
+    trial.set_user_attr("fail_reason", str(exc))
+    trial.set_user_attr("fail_kind", exc.kind)
+    trial.set_user_attr("constraints", [1.0] * max(1, len(study.constraints)))
+    trial.set_constraint("runs", 1.0)
+    for c in study.constraints:
+        trial.set_constraint(f"{c.metric} {c.op} {c.value:g}", 1.0)
+    _report(trial.number, n_trials, "FAILED", f"{exc.kind}: {str(exc)[:200]}")
+    values = [0.0 if o.direction == "maximize" else math.inf for o in study.objectives]
+    return values[0] if len(values) == 1 else values
+
+
+def _maybe_prune(trial: optuna.Trial, ostudy: optuna.Study, study: StudyFile, i: int, runs: list[dict]) -> None:
+    """After the first repeat: a trial far below the best so far will not win on its median."""
+    if study.study.prune is None or i != 0 or study.study.repeats < 2 or len(study.objectives) > 1:
+        return
+    o = study.objectives[0]
+    value = runs[0].get(o.metric)
+    best = [t.values[0] for t in feasible_trials(ostudy)]
+    if value is None or not best:
+        return
+    trial.report(float(value), 0)
+    if o.direction == "maximize" and value < study.study.prune * max(best) or \
+            o.direction == "minimize" and value * study.study.prune > min(best):
+        raise optuna.TrialPruned()
+
+
+def _spread(samples: list[float] | None) -> str:
+    return f"{min(samples):,.2f}..{max(samples):,.2f}" if samples else "-"
+
+
 def _report(number: int, total: int | None, state: str, detail: str) -> None:
-    colour = {"ok": "green", "infeasible": "yellow", "FAILED": "red"}.get(state, "white")
+    colour = {"ok": "green", "infeasible": "yellow", "FAILED": "red", "pruned": "yellow"}.get(state, "white")
     console.print(f"trial {number + 1}{f'/{total}' if total else ''} [{colour}]{state}[/] {detail}")
 
 
@@ -160,7 +237,7 @@ def _json_safe(metrics: dict) -> dict:
 
 def feasible_trials(ostudy: optuna.Study) -> list[optuna.trial.FrozenTrial]:
     return [t for t in ostudy.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-            if all(v <= 0 for v in t.user_attrs.get("constraints", []))]
+            if "fail_kind" not in t.user_attrs and all(v <= 0 for v in t.user_attrs.get("constraints", []))]
 
 
 def best_trials(ostudy: optuna.Study) -> list[optuna.trial.FrozenTrial]:
@@ -184,16 +261,62 @@ def serve_command(model: str, flags: dict) -> str:
     return f"workbench serve {shlex.quote(model)} {render_flags(flags)}".strip()
 
 
-def summarize(ostudy: optuna.Study, study: StudyFile, opts: TuneOptions) -> dict:
+def run_validation(ostudy: optuna.Study, study: StudyFile, opts: TuneOptions) -> dict | None:
+    """Re-run the top configurations and the defaults interleaved; stored in the study (a resumed study
+    with the same candidates reuses it)."""
+    if not study.study.validate_rounds:
+        return None
+    if len(study.objectives) > 1:
+        console.print("[yellow]validation needs a single objective[/]; the Pareto set is not validated")
+        return None
+    maximize = study.objectives[0].direction == "maximize"
+    chosen = candidates(feasible_trials(ostudy), study.study.validate_top, maximize)
+    if not chosen:
+        return None
+    key = {"trials": [t.number for t in chosen], "rounds": study.study.validate_rounds}
+    previous = ostudy.user_attrs.get("validation")
+    if previous and all(previous.get(k) == v for k, v in key.items()):
+        return previous
+    console.print(f"validating trials {key['trials']} against the defaults: {study.study.validate_rounds} interleaved rounds")
+    result = validate(study, opts, chosen, maximize) | key
+    ostudy.set_user_attr("validation", result)
+    return result
+
+
+def _search_ratio(trial: optuna.trial.FrozenTrial, defaults: optuna.trial.FrozenTrial | None) -> str:
+    if defaults is None or trial.number == defaults.number:
+        return "the defaults" if defaults is not None else "no defaults trial"
+    if not defaults.values or not defaults.values[0]:
+        return "defaults gave 0"
+    return f"{trial.values[0] / defaults.values[0] - 1:+.1%} vs defaults in the search (not validated)"
+
+
+def summarize(ostudy: optuna.Study, study: StudyFile, opts: TuneOptions, validation: dict | None = None) -> dict:
     trials = ostudy.get_trials(deepcopy=False)
     best = best_trials(ostudy)
-    summary = {"study_name": opts.study_name, "storage": opts.storage, "model": study.study.model,
+    defaults = next((t for t in trials if t.user_attrs.get("label") == "defaults" and t.state == TrialState.COMPLETE),
+                    None)
+    checked = {c["trial"]: c["comparison"]["verdict"] for c in (validation or {}).get("candidates", [])}
+    model = study.study.model
+    entry = lambda t: {"trial": t.number, "label": t.user_attrs.get("label", ""), "values": t.values,  # noqa: E731
+                       "samples": t.user_attrs.get("samples", {}), "flags": t.user_attrs.get("flags", {}),
+                       "serve_command": serve_command(model, t.user_attrs.get("flags", {})),
+                       "metrics": t.user_attrs.get("metrics", {})}
+    summary = {"study_name": opts.study_name, "storage": opts.storage, "model": model,
                "objectives": [o.model_dump() for o in study.objectives],
                "constraints": [c.model_dump() for c in study.constraints],
                "trials": {s.name: sum(t.state == s for t in trials) for s in TrialState},
-               "best": [{"trial": t.number, "values": t.values, "flags": t.user_attrs.get("flags", {}),
-                         "serve_command": serve_command(study.study.model, t.user_attrs.get("flags", {})),
-                         "metrics": t.user_attrs.get("metrics", {})} for t in best]}
+               "defaults": entry(defaults) if defaults else None,
+               "best": [entry(t) | {"vs_defaults": checked.get(t.number) or _search_ratio(t, defaults)} for t in best],
+               "validation": validation,
+               "verdict": validation["verdict"] if validation else "not validated (validate = 0)"}
+    for c in (validation or {}).get("candidates", []):
+        c["serve_command"] = serve_command(model, c["flags"])
+    if validation:
+        winner = next((t for t in trials if t.number == validation["winner"]), None)
+        flags = winner.user_attrs["flags"] if winner else dict(study.server)
+        summary["recommended"] = {"trial": validation["winner"], "serve_command": serve_command(model, flags),
+                                  "verdict": validation["verdict"]}
     path = opts.results_dir / f"{opts.study_name}-best.json"
     path.write_text(json.dumps(summary, indent=2))
     summary["path"] = str(path)

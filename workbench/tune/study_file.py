@@ -9,6 +9,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from workbench.loadgen.config import LoadProfile
+from workbench.tune.capacity import CapacitySpec
 
 STUDIES_DIR = Path(__file__).resolve().parents[2] / "studies"
 DEFAULT_STUDY = Path(__file__).with_name("default.toml")
@@ -83,6 +84,12 @@ class StudyMeta(BaseModel):
     seed: int = 0
     startup_timeout: float = Field(300.0, gt=0)  # seconds a server may take to become healthy
     trial_timeout: float = Field(1800.0, gt=0)  # seconds a trial's workload may take
+    baseline: bool = True  # trial 0 runs the defaults: only the [server] flags
+    repeats: int = Field(1, ge=1)  # runs per trial against one server; the median is the value
+    validate_rounds: int = Field(0, ge=0, alias="validate")  # interleaved re-runs of the best and the defaults (>= 4 to tell); "validate" in TOML (BaseModel has a validate)
+    validate_top: int = Field(2, ge=1)  # how many of the best configurations to re-run
+    prune: float | None = Field(None, gt=0, le=1)  # stop a trial after its first repeat below this share of the best
+    device_memory: str | None = None  # for the memory pre-check, e.g. "80GiB"; default: this machine's GPU
 
 
 class StudyFile(BaseModel):
@@ -93,6 +100,7 @@ class StudyFile(BaseModel):
     workload: Workload = Field(default_factory=Workload)
     objectives: list[Objective] = Field(min_length=1)
     constraints: list[Constraint] = Field(default_factory=list)
+    capacity: CapacitySpec | None = None  # set: each run searches the highest load that meets the SLO
 
     @model_validator(mode="after")
     def _check(self) -> "StudyFile":
@@ -101,6 +109,10 @@ class StudyFile(BaseModel):
         if self.study.sampler == "grid" and any(p.type == "float" and p.step is None
                                                for p in self.search_space.values()):
             raise ValueError("search_space: a grid sampler needs a step on every float parameter")
+        if self.capacity is not None and self.workload.type != "serve":
+            raise ValueError("capacity: the SLO capacity search needs a serve workload")
+        if self.study.validate_rounds == 1:
+            raise ValueError("study.validate: give 0 (off) or at least 2 re-runs a side")
         clash = set(self.search_space) & set(self.server)
         if clash:
             raise ValueError(f"server and search_space both set {sorted(clash)}")

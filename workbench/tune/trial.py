@@ -1,5 +1,6 @@
-"""One trial: start a server with the sampled flags on a free port, wait for /health, run the workload,
-scrape /metrics, stop the server. Anything that goes wrong becomes a TrialFailed with its reason."""
+"""Measuring one configuration: start a server with its flags on a free port, wait for /health, run
+the workload `repeats` times (or search its SLO capacity each time), scrape /metrics, stop the
+server. Anything that goes wrong becomes a TrialFailed with its reason and kind."""
 from __future__ import annotations
 
 import json
@@ -8,31 +9,55 @@ import os
 import shlex
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
+from workbench.tune.capacity import search
 from workbench.tune.study_file import StudyFile
 
 DEFAULT_LAUNCH = f"{shlex.quote(sys.executable)} -m engine.server {{model}} --host {{host}} --port {{port}} {{flags}}"
+COUNTERS = ("num_preemptions_total", "prefix_cache_queries_total", "prefix_cache_hits_total", "prompt_tokens_total",
+            "generation_tokens_total")
 
 
 class TrialFailed(Exception):
-    """The trial could not produce measurements (start failure, out of memory, timeout, ...)."""
+    """The configuration could not produce measurements. kind: precheck, start, oom, timeout, died, error."""
+
+    def __init__(self, reason: str, kind: str | None = None):
+        super().__init__(reason)
+        self.kind = kind or classify(reason)
+
+
+def classify(reason: str) -> str:
+    text = reason.lower()
+    if "out of memory" in text or "outofmemory" in text or "no memory left" in text:
+        return "oom"
+    if "within" in text and ("healthy" in text or "finish" in text) or "timed out" in text:
+        return "timeout"
+    if "at start" in text:
+        return "start"
+    if "died" in text:
+        return "died"
+    return "error"
 
 
 @dataclass
-class TrialOutcome:
-    metrics: dict
+class Measurement:
+    metrics: dict  # the median over repeats of every numeric metric (the last run's value otherwise)
+    samples: dict[str, list[float]]  # every repeat's value of each numeric metric
     command: str
-    result_file: str
-    scraped: dict = field(default_factory=dict)
+    result_files: list[str] = field(default_factory=list)
+    probes: list[list[dict]] = field(default_factory=list)  # per repeat, when searching SLO capacity
 
 
 def render_flags(flags: dict) -> str:
@@ -53,28 +78,96 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_trial(study: StudyFile, flags: dict, results_dir: Path, launch: str | None, label: str) -> TrialOutcome:
+def measure(study: StudyFile, flags: dict, results_dir: Path, launch: str | None, label: str, seeds: list[int],
+            after_repeat: Callable[[int, list[dict]], None] | None = None) -> Measurement:
+    """One run per seed (a repeat); after_repeat(i, runs so far) may raise to stop early (pruning)."""
+    runs: list[dict] = []
+    files: list[str] = []
+    probes: list[list[dict]] = []
     if study.workload.type == "throughput":
-        return _run_offline(study, flags, results_dir, label)
+        command = ""
+        for i, seed in enumerate(seeds):
+            metrics, command, path = _run_offline(study, flags, results_dir, f"{label}-r{i}", seed)
+            runs.append(metrics)
+            files.append(path)
+            if after_repeat:
+                after_repeat(i, runs)
+        return Measurement(median_metrics(runs), samples_of(runs), command, files)
+    with running_server(study, flags, launch) as (url, command, alive):
+        before = scrape_metrics(url)
+        for i, seed in enumerate(seeds):
+            metrics, paths, run_probes = _one_serve_run(study, url, results_dir, f"{label}-r{i}", seed)
+            alive()
+            after = scrape_metrics(url)
+            runs.append(metrics | {f"server_{k}": v for k, v in counter_deltas(before, after).items()})
+            before = after
+            files += paths
+            probes.append(run_probes)
+            if after_repeat:
+                after_repeat(i, runs)
+    return Measurement(median_metrics(runs), samples_of(runs), command, files, probes)
+
+
+def median_metrics(runs: list[dict]) -> dict:
+    out = dict(runs[-1])
+    for key in runs[-1]:
+        values = [r.get(key) for r in runs]
+        if all(_number(v) for v in values):
+            out[key] = statistics.median(values)
+    return out
+
+
+def samples_of(runs: list[dict]) -> dict[str, list[float]]:
+    return {k: [r[k] for r in runs] for k in runs[-1] if all(_number(r.get(k)) for r in runs)}
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+@contextmanager
+def running_server(study: StudyFile, flags: dict, launch: str | None):
+    """Yields (base_url, command, alive): alive() raises TrialFailed if the server has died."""
     port, host = free_port(), "127.0.0.1"
     command = (launch or DEFAULT_LAUNCH).format(model=study.study.model, port=port, host=host,
                                                 flags=render_flags(flags))
     log = tempfile.NamedTemporaryFile("w+", prefix="trial-", suffix=".log", delete=False)
     proc = subprocess.Popen(shlex.split(command), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def alive() -> None:
+        if proc.poll() is not None:
+            raise TrialFailed(f"the server died during the workload: {_tail(log.name)}", "died")
+
     try:
         _wait_healthy(f"http://{host}:{port}", proc, study.study.startup_timeout, log.name)
-        result = _run_workload(study, f"http://{host}:{port}", label)
-        scraped = scrape_metrics(f"http://{host}:{port}")
-        if proc.poll() is not None:
-            raise TrialFailed(f"the server died during the workload: {_tail(log.name)}")
+        yield f"http://{host}:{port}", command, alive
     finally:
         _stop(proc)
         log.close()
-    metrics = dict(result.metrics) | {f"server_{k}": v for k, v in scraped.items()}
-    path = result.save(results_dir / f"{label}.json")
-    if result.metrics.get("completed", 0) == 0:
-        raise TrialFailed(f"no request succeeded: {result.extra.get('errors')}")
-    return TrialOutcome(metrics=metrics, command=command, result_file=str(path), scraped=scraped)
+        Path(log.name).unlink(missing_ok=True)
+
+
+def _one_serve_run(study: StudyFile, url: str, results_dir: Path, label: str,
+                   seed: int) -> tuple[dict, list[str], list[dict]]:
+    if study.capacity is None:
+        result = _run_workload(study, url, label, seed)
+        return result.metrics, [str(result.save(results_dir / f"{label}.json"))], []
+    spec, paths = study.capacity, []
+
+    def probe(value: float) -> dict:
+        knob = {"request_rate": value} if spec.knob == "request_rate" else {"max_concurrency": int(value)}
+        n = study.workload.num_prompts
+        if spec.knob == "request_rate" and spec.probe_seconds:
+            n = max(n, math.ceil(value * spec.probe_seconds))
+        elif spec.knob == "max_concurrency":
+            n = max(n, 4 * int(value))  # every slot turns over a few times
+        # A fresh seed per probe: fresh prompts, so no probe rides on the previous one's prefix cache.
+        result = _run_workload(study, url, f"{label}-p{len(paths)}", seed * 1000 + len(paths), num_prompts=n, **knob)
+        paths.append(str(result.save(results_dir / f"{label}-p{len(paths)}.json")))
+        return result.metrics
+
+    found = search(spec, probe)
+    return found.metrics | {"slo_capacity": found.capacity}, paths, found.probes
 
 
 def _wait_healthy(url: str, proc: subprocess.Popen, timeout: float, log_path: str) -> None:
@@ -88,7 +181,7 @@ def _wait_healthy(url: str, proc: subprocess.Popen, timeout: float, log_path: st
         except httpx.HTTPError:
             pass
         time.sleep(0.3)
-    raise TrialFailed(f"the server was not healthy within {timeout:.0f} s: {_tail(log_path)}")
+    raise TrialFailed(f"the server was not healthy within {timeout:.0f} s: {_tail(log_path)}", "timeout")
 
 
 def _tail(path: str, lines: int = 6) -> str:
@@ -110,22 +203,25 @@ def _stop(proc: subprocess.Popen, grace: float = 15.0) -> None:
         pass
 
 
-def _run_workload(study: StudyFile, base_url: str, label: str):
+def _run_workload(study: StudyFile, base_url: str, label: str, seed: int, **override):
     from workbench.loadgen.config import ServeBenchConfig
     from workbench.loadgen.runner import ServerUnavailable, run_serve_benchmark
 
-    w = study.workload.model_dump(exclude={"type"})
+    w = study.workload.model_dump(exclude={"type"}) | {"seed": seed} | override
     w["request_rate"] = math.inf if w["request_rate"] == "inf" else w["request_rate"]
     config = ServeBenchConfig(base_url=base_url, model=study.study.model, label=label,
                               timeout=study.study.trial_timeout, **w)
     try:
-        return run_serve_benchmark(config, progress=False)
+        result = run_serve_benchmark(config, progress=False)
     except ServerUnavailable as exc:
         raise TrialFailed(str(exc)) from None
+    if result.metrics.get("completed", 0) == 0:
+        raise TrialFailed(f"no request succeeded: {result.extra.get('errors')}")
+    return result
 
 
 def scrape_metrics(base_url: str) -> dict:
-    """The engine-side numbers the client cannot see (any vLLM-compatible /metrics)."""
+    """The engine-side counters the client cannot see (any vLLM-compatible /metrics)."""
     try:
         response = httpx.get(base_url + "/metrics", timeout=5)
         families = list(text_string_to_metric_families(response.text)) if response.status_code == 200 else []
@@ -134,28 +230,35 @@ def scrape_metrics(base_url: str) -> dict:
     values: dict[str, float] = {}
     for family in families:
         for s in family.samples:
-            if s.name in ("vllm:num_preemptions_total", "vllm:prefix_cache_queries_total",
-                          "vllm:prefix_cache_hits_total", "vllm:prompt_tokens_total", "vllm:generation_tokens_total"):
-                values[s.name.split(":")[1]] = values.get(s.name.split(":")[1], 0.0) + s.value
-    if values.get("prefix_cache_queries_total"):
-        values["prefix_cache_hit_rate"] = values.get("prefix_cache_hits_total", 0.0) / values["prefix_cache_queries_total"]
+            name = s.name.split(":")[-1]
+            if s.name.startswith("vllm:") and name in COUNTERS:
+                values[name] = values.get(name, 0.0) + s.value
     return values
 
 
-def _run_offline(study: StudyFile, flags: dict, results_dir: Path, label: str) -> TrialOutcome:
+def counter_deltas(before: dict, after: dict) -> dict:
+    """Counters over one run (the server lives across repeats), and the run's prefix-cache hit rate."""
+    out = {k: v - before.get(k, 0.0) for k, v in after.items()}
+    if out.get("prefix_cache_queries_total"):
+        out["prefix_cache_hit_rate"] = out.get("prefix_cache_hits_total", 0.0) / out["prefix_cache_queries_total"]
+    return out
+
+
+def _run_offline(study: StudyFile, flags: dict, results_dir: Path, label: str, seed: int) -> tuple[dict, str, str]:
     w = study.workload
     path = results_dir / f"{label}.json"
     cmd = [sys.executable, "-m", "workbench.cli", "bench", "throughput", "--model", study.study.model,
            "--num-prompts", str(w.num_prompts), "--input-len", str(w.input_len), "--output-len", str(w.output_len),
            "--dataset", w.dataset, "--range-ratio", str(w.range_ratio), "--prefix-len", str(w.prefix_len),
-           "--num-prefixes", str(w.num_prefixes), "--output-json", str(path), *shlex.split(render_flags(flags))]
+           "--num-prefixes", str(w.num_prefixes), "--output-json", str(path),
+           *shlex.split(render_flags({"seed": seed} | flags))]
     if w.dataset_path:
         cmd += ["--dataset-path", w.dataset_path]
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=study.study.trial_timeout)
     except subprocess.TimeoutExpired:
-        raise TrialFailed(f"bench throughput did not finish within {study.study.trial_timeout:.0f} s") from None
+        raise TrialFailed(f"bench throughput did not finish within {study.study.trial_timeout:.0f} s",
+                          "timeout") from None
     if done.returncode != 0:
         raise TrialFailed(f"bench throughput failed: {(done.stderr or done.stdout).strip()[-800:]}")
-    metrics = json.loads(path.read_text())["metrics"]
-    return TrialOutcome(metrics=metrics, command=shlex.join(cmd), result_file=str(path))
+    return json.loads(path.read_text())["metrics"], shlex.join(cmd), str(path)
