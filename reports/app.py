@@ -1,5 +1,6 @@
 """The PagedBench report: `workbench report --storage URL --results DIR` (or `streamlit run reports/app.py --
---storage URL --results DIR`). Three pages: a study, benchmark runs, the gate's history."""
+--storage URL --results DIR`). Four pages: a study, serving runs, offline runs (throughput, latency, kernels, the
+load generator's ceiling), the gate's history. `?page=Offline+runs` in the address opens a page directly."""
 from __future__ import annotations
 
 import argparse
@@ -11,9 +12,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `streamlit run` 
 
 import streamlit as st  # noqa: E402
 
-from reports import data, plots  # noqa: E402
+from reports import data, plots, sections  # noqa: E402
 
-PAGES = ("Study", "Benchmark runs", "Gate history")
+PAGES = ("Study", "Benchmark runs", "Offline runs", "Gate history")
 
 
 def settings() -> argparse.Namespace:
@@ -93,9 +94,10 @@ def runs_page(results: str) -> None:
     workload = plots.workload_figures(selected)
     if workload:
         st.subheader("Sessions, traces and ramps")
-        for _, title, fig in workload:
-            st.caption(title)
+        for _, title, caption, fig in workload:
+            st.markdown(f"**{title}**")
             st.pyplot(fig)
+            st.caption(caption)
     sweeps = data.sweeps(results, runs)
     if sweeps:
         st.subheader("Sweeps")
@@ -105,11 +107,33 @@ def runs_page(results: str) -> None:
         right.pyplot(plots.sweep_curve(sweeps[name], "tpot"))
 
 
+def offline_page(results: str) -> None:
+    st.header("Offline runs")
+    found = sections.offline_sections(results, data.load_results(results))
+    if not found:
+        nothing_yet(f"offline benchmark results in {results}", "workbench bench throughput")
+        return
+    for section in found:
+        st.subheader(section.title)
+        if section.text:
+            st.markdown(section.text)
+        for name, df in section.tables:
+            st.caption(name)
+            st.dataframe(df, width="stretch", hide_index=True)
+        for figure in section.figures:
+            st.pyplot(figure.figure)
+            st.caption(figure.caption)
+
+
 def gate_page(results: str) -> None:
     st.header("Gate history")
     gates = data.gate_runs(data.load_results(results))
+    history = data.history_frame(results)
+    if len(history):
+        st.pyplot(plots.history_trend(history))
     if not gates:
-        nothing_yet(f"gate runs in {results}", "workbench gate")
+        if not len(history):
+            nothing_yet(f"gate runs in {results}", "workbench gate")
         return
     st.pyplot(plots.gate_history(gates))
     latest = gates[-1]
@@ -121,12 +145,15 @@ def main() -> None:
     st.set_page_config(page_title="PagedBench report", layout="wide")
     st.title("PagedBench report")
     args = settings()
-    page = st.sidebar.radio("page", PAGES)
+    asked = st.query_params.get("page")
+    page = st.sidebar.radio("page", PAGES, index=PAGES.index(asked) if asked in PAGES else 0)
     st.sidebar.caption(f"storage: {args.storage or '(none)'}\n\nresults: {args.results}")
     if page == "Study":
         study_page(args.storage)
     elif page == "Benchmark runs":
         runs_page(args.results)
+    elif page == "Offline runs":
+        offline_page(args.results)
     else:
         gate_page(args.results)
 

@@ -33,6 +33,77 @@ def load_results(results_dir: str | Path | None) -> list[RunFile]:
     return runs
 
 
+@dataclass
+class OtherFile:
+    """A committed measurement that is not a BenchResult: `python -m kernels.bench` or `bench ceiling` output."""
+    path: Path
+    kind: str  # kernels | ceiling
+    data: dict
+
+
+def offline_runs(runs: list[RunFile], kind: str) -> list[RunFile]:
+    """`bench throughput` or `bench latency` results, oldest first."""
+    return sorted((r for r in runs if r.result.kind == kind), key=lambda r: r.result.created)
+
+
+def run_title(run: RunFile) -> str:
+    """What tells runs apart across commits, devices and labels: label (or model), device, commit."""
+    res = run.result
+    name = res.label or str(res.config.get("model") or run.path.stem)
+    device = short_device(res.environment.device or str(res.config.get("device") or ""))
+    return " · ".join(filter(None, [name, device, res.environment.commit[:7]]))
+
+
+def model_of(run: RunFile) -> str:
+    return str(run.result.config.get("model") or run.result.server.get("model") or "runs")
+
+
+def has_repeats(runs: list[RunFile]) -> bool:
+    """Is there a model with two runs or more (something to compare across commits, devices, labels)?"""
+    models = [model_of(r) for r in runs]
+    return len(set(models)) < len(models)
+
+
+def short_device(device: str) -> str:
+    """'NVIDIA H100 80GB HBM3' -> 'H100 80GB'."""
+    words = device.replace("NVIDIA ", "").split()
+    return " ".join(words[:2]) if words else ""
+
+
+def other_files(results_dir: str | Path | None) -> list[OtherFile]:
+    if not results_dir or not Path(results_dir).is_dir():
+        return []
+    found = []
+    for path in sorted(Path(results_dir).rglob("*.json")):
+        try:
+            doc = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            continue
+        if isinstance(doc, dict) and isinstance(doc.get("decode"), list) and "copy_bandwidth_GBps" in doc:
+            found.append(OtherFile(path, "kernels", doc))
+        elif isinstance(doc, dict) and isinstance(doc.get("runs"), dict) and "median_request_throughput" in doc:
+            found.append(OtherFile(path, "ceiling", doc))
+    return found
+
+
+def history_frame(results_dir: str | Path | None) -> pd.DataFrame:
+    """Every `workbench gate --history FILE.jsonl` line under the folder, one row per run and metric
+    (unreadable files and lines are skipped: the gate itself reports those)."""
+    rows = []
+    for path in sorted(Path(results_dir).rglob("*.jsonl")) if results_dir and Path(results_dir).is_dir() else []:
+        for i, line in enumerate(path.read_text(errors="replace").splitlines()):
+            try:
+                entry = json.loads(line)
+                metrics = entry["metrics"]
+                rows += [{"file": path.name, "run": i, "created": entry.get("created", ""),
+                          "commit": str(entry.get("commit", ""))[:7], "device": entry.get("device", ""),
+                          "verdict": entry.get("verdict", ""), "metric": k, "value": float(v)}
+                         for k, v in metrics.items() if v is not None]
+            except (json.JSONDecodeError, KeyError, TypeError, AttributeError, ValueError):
+                continue
+    return pd.DataFrame(rows, columns=["file", "run", "created", "commit", "device", "verdict", "metric", "value"])
+
+
 def serve_runs(runs: list[RunFile]) -> list[RunFile]:
     return [r for r in runs if r.result.kind == "serve" and r.result.requests]
 

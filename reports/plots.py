@@ -15,6 +15,18 @@ LATENCIES = {"ttft": "time to first token", "tpot": "time per output token", "it
              "e2el": "end-to-end latency"}
 
 
+OVERLAY_MAX = 4  # beyond this many runs a histogram becomes small multiples instead of an overlay
+
+
+def colours(n: int) -> list:
+    """n visibly distinct colours: tab10, then tab20, then evenly spaced on a perceptual map."""
+    if n <= 10:
+        return list(plt.get_cmap("tab10").colors[:n])
+    if n <= 20:
+        return list(plt.get_cmap("tab20").colors[:n])
+    return [plt.get_cmap("turbo")(x) for x in np.linspace(0.05, 0.95, n)]
+
+
 def _figure(title: str, width: float = 7.0, height: float = 4.2):
     fig, ax = plt.subplots(figsize=(width, height), dpi=110)
     ax.set_title(title)
@@ -102,23 +114,40 @@ def parallel_coordinates(df: pd.DataFrame, metric: str):
 
 # ---------------------------------------------------------------- benchmark runs
 def latency_distributions(runs: list[RunFile], kind: str):
-    """Histograms of one latency for one or more runs, on shared bins."""
-    fig, ax = _figure(f"{LATENCIES[kind]} ({kind}) distribution")
+    """Histograms of one latency for one or more runs, on shared bins: overlaid in distinct colours for a
+    few runs, small multiples (one panel per run, shared axes) for more."""
     data = []
     for run in runs:
         values = itl_values_ms(run) if kind == "itl" else request_frame(run)[f"{kind}_ms"].dropna().tolist()
         if values:
             data.append((run.name, values))
+    title = f"{LATENCIES[kind]} ({kind}) distribution"
     if not data:
+        fig, ax = _figure(title)
         ax.text(0.5, 0.5, "no data", ha="center", transform=ax.transAxes)
         return fig
     bins = np.histogram_bin_edges(np.concatenate([v for _, v in data]), bins=40)
-    for name, values in data:
-        ax.hist(values, bins=bins, alpha=0.55, label=f"{name} (p50 {np.median(values):.1f}, "
-                                                     f"p99 {np.percentile(values, 99):.1f})")
-    ax.set_xlabel(f"{kind} (ms)")
-    ax.set_ylabel("count")
-    ax.legend(fontsize=8)
+    palette = colours(len(data))
+    if len(data) <= OVERLAY_MAX:
+        fig, ax = _figure(title)
+        axes = [ax] * len(data)
+    else:
+        cols = 3
+        fig, grid = plt.subplots(-(-len(data) // cols), cols, figsize=(10, 2.2 * -(-len(data) // cols)), dpi=110,
+                                 sharex=True, sharey=True, squeeze=False)
+        fig.suptitle(title)
+        axes = list(grid.flat)
+        for ax in axes[len(data):]:
+            ax.set_visible(False)
+    for ax, colour, (name, values) in zip(axes, palette, data):
+        ax.hist(values, bins=bins, alpha=0.55 if len(data) <= OVERLAY_MAX else 0.9, color=colour, histtype="stepfilled",
+                edgecolor=colour, label=f"{name} (p50 {np.median(values):.1f}, p99 {np.percentile(values, 99):.1f})")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    axes[-1 if len(data) <= OVERLAY_MAX else 0].set_xlabel(f"{kind} (ms)")
+    axes[0].set_ylabel("count")
+    if len(data) > OVERLAY_MAX:
+        fig.tight_layout()
     return fig
 
 
@@ -145,7 +174,7 @@ def compare_runs(runs: list[RunFile], metrics: list[str]):
     names = [r.name for r in runs]
     for ax, metric in zip(axes[0], metrics):
         values = [r.result.metrics.get(metric) or 0 for r in runs]
-        ax.bar(range(len(runs)), values, color=plt.get_cmap("tab10").colors[:len(runs)])
+        ax.bar(range(len(runs)), values, color=colours(len(runs)))
         ax.set_xticks(range(len(runs)), names, rotation=30, ha="right", fontsize=8)
         ax.set_title(metric, fontsize=9)
         ax.grid(alpha=0.3, axis="y")
@@ -175,8 +204,8 @@ def gate_history(gates: list[RunFile]):
         for row in g.result.extra.get("rows", []):
             if row.get("change_pct") is not None:
                 series.setdefault(row["metric"], []).append((i, row["change_pct"]))
-    for metric, points in series.items():
-        ax.plot([p[0] for p in points], [p[1] for p in points], "o-", label=metric)
+    for colour, (metric, points) in zip(colours(len(series)), series.items()):
+        ax.plot([p[0] for p in points], [p[1] for p in points], "o-", color=colour, label=metric)
     fails = [i for i, g in enumerate(gates) if g.result.extra.get("verdict") == "fail"]
     for i in fails:
         ax.axvline(i, color="tab:red", alpha=0.3)
@@ -251,13 +280,19 @@ def server_telemetry(run: RunFile):
     return fig
 
 
-def workload_figures(runs: list[RunFile]) -> list[tuple[str, str, object]]:
-    """(file, title, figure) for what realistic workloads add: TTFT per turn of multi-turn runs, and
-    for trace replays and ramps, latency against time and the server's telemetry."""
+def workload_figures(runs: list[RunFile]) -> list[tuple[str, str, str, object]]:
+    """(file, title, caption, figure) for what realistic workloads add: TTFT per turn of multi-turn runs,
+    and for trace replays and ramps, latency against time and the server's telemetry."""
     figures = []
     per_turn = per_turn_ttft(runs)
     if per_turn is not None:
-        figures.append(("runs-per-turn-ttft.png", "TTFT per turn (multi-turn runs)", per_turn))
+        figures.append(("runs-per-turn-ttft.png", "TTFT per turn (multi-turn runs)",
+                        "Median and p99 TTFT at each turn, with the turn's prefix-cache hit rate: with prefix "
+                        "caching, later turns (longer histories) should not get slower in step.", per_turn))
+    captions = {"latency-over-time": "Each request's TTFT and E2E latency at its scheduled send time, the offered "
+                                     "load in grey: latency that climbs with the load marks the server's limit.",
+                "telemetry": "The server's /metrics each second: running and waiting requests, KV-cache use. "
+                             "Waiting requests while the cache is full means memory, not compute, is the limit."}
     for run in runs:
         if run.result.config.get("dataset") != "trace" and not run.result.config.get("ramp_up"):
             continue
@@ -265,5 +300,36 @@ def workload_figures(runs: list[RunFile]) -> list[tuple[str, str, object]]:
         for kind, plot in (("latency-over-time", latency_over_time), ("telemetry", server_telemetry)):
             fig = plot(run)
             if fig is not None:
-                figures.append((f"run-{slug}-{kind}.png", f"{kind.replace('-', ' ')}: {run.name}", fig))
+                figures.append((f"run-{slug}-{kind}.png", f"{kind.replace('-', ' ')}: {run.name}", captions[kind],
+                                fig))
     return figures
+
+
+def history_trend(df: pd.DataFrame):
+    """The gate's history file: one panel per metric, one line per device, failed runs as red crosses."""
+    metrics = sorted(df["metric"].unique()) if len(df) else []
+    if not metrics:
+        fig, ax = _figure("Gate history file")
+        ax.text(0.5, 0.5, "no history lines yet", ha="center", transform=ax.transAxes)
+        return fig
+    cols = min(len(metrics), 2)
+    rows = -(-len(metrics) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5.5 * cols, 3.2 * rows), dpi=110, squeeze=False)
+    fig.suptitle("Gate history file: each metric's median per gate run")
+    devices = sorted(df["device"].unique())
+    palette = dict(zip(devices, colours(len(devices))))
+    for ax, metric in zip(axes.flat, metrics):
+        sub = df[df["metric"] == metric]
+        for device, points in sub.groupby("device"):
+            ax.plot(points["run"], points["value"], "o-", ms=3, color=palette[device], label=device)
+        failed = sub[sub["verdict"] == "fail"]
+        ax.scatter(failed["run"], failed["value"], marker="x", s=60, color="tab:red", zorder=3, label="failed")
+        ax.set_title(metric, fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(metrics):]:
+        ax.set_visible(False)
+    for ax in axes[-1]:
+        ax.set_xlabel("gate run (oldest first)")
+    fig.tight_layout()
+    return fig

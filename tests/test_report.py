@@ -1,6 +1,5 @@
 """Every report page through Streamlit's AppTest, the static export, and a real headless Chromium."""
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -57,6 +56,7 @@ def test_runs_page_with_sweep_and_comparison(fixtures, monkeypatch):
 def test_gate_page(fixtures, monkeypatch):
     at = page(fixtures, "Gate history", monkeypatch)
     assert any("FAIL" in s.value for s in at.subheader)
+    assert len(at.get("image")) == 2  # the history file's trend and the gate runs' changes
 
 
 def test_empty_inputs_say_what_to_run(tmp_path, monkeypatch):
@@ -77,8 +77,67 @@ def test_export_writes_pngs_and_summary(fixtures, tmp_path):
     pngs = sorted(p.name for p in out.glob("*.png"))
     assert {"study-fixture-pareto.png", "study-fixture-history.png", "runs-ttft.png", "gate-history.png"} <= set(pngs)
     assert "sweep-1-ttft.png" in pngs
+    # Two throughput runs of one model: compared across labels, devices and commits.
+    assert {"offline-throughput.png", "offline-throughput-compare.png", "latency-tiny.png", "runs-compare.png",
+            "gate-trend.png"} <= set(pngs)
     md = (out / "report.md").read_text()
     assert "## Study fixture" in md and "prefix-on" in md and "Pareto front" in md
+    assert "ours · H100 80GB · aaaaaaa" in md and "vllm · H200 · bbbbbbb" in md
+    page = (out / "report.html").read_text()
+    assert page.count("<figcaption>") == page.count("<img ") == len(pngs)  # a caption under every figure
+    assert page.count("<table") >= 5  # throughput, latency, trials, percentiles, gate
+
+
+def test_export_over_the_committed_results(tmp_path):
+    """Every offline result the README quotes gets a figure and a table."""
+    results = Path(__file__).resolve().parents[1] / "reports" / "benchmarks"
+    out = tmp_path / "export"
+    r = CliRunner().invoke(cli, ["report", "--results", str(results), "--export", str(out)])
+    assert r.exit_code == 0, r.output
+    from PIL import Image
+
+    expected = {"offline-throughput.png", "latency-qwen2.5-7b-h100.png", "kernels-h100.png", "loadgen-ceiling.png"}
+    assert expected <= {p.name for p in out.glob("*.png")}
+    for name in expected:
+        assert np.asarray(Image.open(out / name).convert("L"), dtype=float).std() > 10, f"{name} is blank"
+    page = (out / "report.html").read_text()
+    for quoted in ("49,326", "817.1", "60.36", "10,563", "5.962", "2,716", "867.3", "4.814"):
+        assert quoted in page, quoted  # the README's headline figures, in the tables
+    assert page.count("<figcaption>") == page.count("<img ") >= len(expected)  # a caption under every figure
+
+
+def test_offline_page(fixtures, monkeypatch):
+    at = page(fixtures, "Offline runs", monkeypatch)
+    titles = [s.value for s in at.subheader]
+    assert titles[0].startswith("Offline throughput") and any(t.startswith("Latency vs batch size") for t in titles)
+    assert len(at.get("image")) == 3  # throughput, comparison, latency
+    assert list(at.dataframe[0].value["run"]) == ["ours · H100 80GB · aaaaaaa", "vllm · H200 · bbbbbbb"]
+
+
+def test_offline_page_over_the_committed_results(monkeypatch):
+    monkeypatch.setenv("PAGEDBENCH_RESULTS", str(Path(__file__).resolve().parents[1] / "reports" / "benchmarks"))
+    monkeypatch.delenv("PAGEDBENCH_STORAGE", raising=False)
+    at = AppTest.from_file(APP, default_timeout=60)
+    at.run()
+    at.sidebar.radio[0].set_value("Offline runs").run()
+    assert not at.exception, at.exception
+    titles = " | ".join(s.value for s in at.subheader)
+    assert "Kernels" in titles and "Load generator ceiling" in titles and "Latency vs batch size" in titles
+
+
+def test_many_runs_get_distinct_colours_and_small_multiples():
+    from reports import plots
+    from reports.data import RunFile
+    from tests.report_fixtures import serve_result
+
+    assert len(set(plots.colours(12))) == 12 and len(set(plots.colours(30))) == 30
+    runs = [RunFile(Path(f"r{i}.json"), serve_result(f"run{i}", 1 + i / 10, i)) for i in range(6)]
+    fig = plots.latency_distributions(runs, "ttft")
+    visible = [ax for ax in fig.axes if ax.get_visible()]
+    assert len(visible) == 6  # one panel per run
+    fig = plots.latency_distributions(runs[:3], "ttft")
+    patches = [p for p in fig.axes[0].patches]
+    assert len(fig.axes) == 1 and len({tuple(p.get_facecolor()[:3]) for p in patches}) == 3
 
 
 @pytest.mark.slow
@@ -102,6 +161,7 @@ def test_real_browser_renders_the_report(fixtures, tmp_path):
             except httpx.HTTPError:
                 time.sleep(0.5)
         text, png = capture(f"http://127.0.0.1:{port}", "One trial", free_port())
+        offline, _ = capture(f"http://127.0.0.1:{port}/?page=Offline+runs", "Latency vs batch size", free_port())
     finally:
         proc.terminate()
         proc.wait(10)
@@ -112,9 +172,11 @@ def test_real_browser_renders_the_report(fixtures, tmp_path):
     pixels = np.asarray(Image.open(shot).convert("L"), dtype=float)
     assert pixels.std() > 10, "the screenshot is blank"
     assert "PagedBench report" in text and "Trials" in text and "One trial" in text
+    assert "Offline throughput" in offline and "Latency vs batch size" in offline
     # The charts' titles, as the same browser shows the static export.
     out = tmp_path / "export"
     CliRunner().invoke(cli, ["report", "--storage", storage, "--results", str(results), "--export", str(out)])
     text, _ = capture(f"file://{out / 'report.html'}", "Gate history", free_port())
-    for title in ("Pareto front (fixture)", "Optimization history (fixture)", "ttft distribution", "Gate history"):
+    for title in ("Pareto front (fixture)", "Optimization history (fixture)", "ttft distribution", "Gate history",
+                  "Throughput vs transformers and the roofline ceiling", "Latency vs batch size"):
         assert title in text
