@@ -82,6 +82,20 @@ def test_hostile_json_bodies(server, path, body, status):
     alive(server.url)
 
 
+@pytest.mark.parametrize("path,body,param", [
+    (CMPL, {"model": "tiny", "prompt": "hi", "seed": 2**64}, "seed"),
+    (CMPL, {"model": "tiny", "prompt": "hi", "temperature": -1}, "temperature"),
+    (CMPL, {"model": "tiny", "prompt": "hi", "logprobs": 21}, "logprobs"),
+    (CMPL, {"model": "tiny", "prompt": "hi", "stop_token_ids": [4096]}, "stop_token_ids"),
+    (CHAT, {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "logprobs": True, "top_logprobs": 25},
+     "top_logprobs"),
+])
+def test_errors_name_the_field(server, path, body, param):
+    r = httpx.post(server.url + path, headers=AUTH, json=body, timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+    assert param in r.json()["error"]["message"]
+
+
 @pytest.mark.parametrize("raw", [b"{not json", b"\xff\xfe\x00bad utf-8", b"[" * 100_000 + b"]" * 100_000, b""])
 def test_unparseable_bodies_get_openai_errors(server, raw):
     r = httpx.post(server.url + CMPL, headers={**AUTH, "content-type": "application/json"}, content=raw, timeout=30)

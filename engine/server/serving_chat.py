@@ -22,7 +22,7 @@ async def create_chat_completion(serving: OpenAIServing, req: ChatCompletionRequ
     serving.admit()
     ids = await serving.render_chat(req)
     params = serving.sampling(req, len(ids), req.max_completion_tokens or req.max_tokens,
-                              top if req.logprobs else None)
+                              top if req.logprobs else None, logprobs_field="top_logprobs")
     rid = f"chatcmpl-{uuid.uuid4().hex}"
     stream = serving.client.generate(rid, None, ids, params)
     if req.stream:

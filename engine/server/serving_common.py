@@ -12,11 +12,13 @@ from fastapi import Request
 
 from engine.server.core_client import CoreClient
 from engine.server.metrics import ServerMetrics
+from engine.sampling_params import SamplingParams
 from engine.server.protocol import KNOWN_ROLES, ChatCompletionRequest, OpenAIError
 
 # Texts longer than this are tokenized in a worker thread (the Rust tokenizer releases the GIL), so
 # a huge prompt cannot stall /health or other requests; shorter ones are cheaper inline.
 INLINE_TOKENIZE_CHARS = 20_000
+SAMPLING_FIELDS = set(SamplingParams.__dataclass_fields__)
 
 
 @dataclass
@@ -81,14 +83,17 @@ class OpenAIServing:
             raise OpenAIError(f"n={n} is too large; this server allows at most {self.limits.max_n}.", param="n")
         return requested if requested is not None else room
 
-    def sampling(self, req, prompt_len: int, max_tokens: int | None, logprobs: int | None):
+    def sampling(self, req, prompt_len: int, max_tokens: int | None, logprobs: int | None,
+                 logprobs_field: str = "logprobs"):
+        """`logprobs_field` names the request field the count came from (chat: top_logprobs)."""
         if logprobs is not None and logprobs > self.limits.max_logprobs:
-            raise OpenAIError(f"logprobs={logprobs} exceeds the server's max_logprobs ({self.limits.max_logprobs}).",
-                              param="logprobs")
+            raise OpenAIError(f"{logprobs_field}={logprobs} exceeds the server's max_logprobs "
+                              f"({self.limits.max_logprobs}).", param=logprobs_field)
         try:
             params = req.sampling_params(self.budget(prompt_len, max_tokens, req.n), logprobs)
-        except ValueError as exc:
-            raise OpenAIError(str(exc)) from None
+        except ValueError as exc:  # SamplingParams' messages start with the field's name
+            field = str(exc).split(" ", 1)[0]
+            raise OpenAIError(str(exc), param=field if field in SAMPLING_FIELDS else None) from None
         vocab = self.limits.vocab_size
         for name in ("stop_token_ids", "logit_bias", "allowed_token_ids"):
             bad = [t for t in getattr(params, name) or () if not 0 <= t < vocab]
