@@ -20,6 +20,7 @@ from engine.messages import CoreOutput, CoreRequest, EngineStats, TokenLogprobs
 from engine.model_loader import build_model, load_hf_config, load_tokenizer
 from engine.model_runner import ModelRunner
 from engine.presets import resolve_model
+from engine.prompt_logprobs import record_prompt_logprobs
 from engine.sampler import PendingSample, Sampler, SampleResult, SamplingBatch, make_generator
 from engine.scheduler import Scheduler
 from engine.sequence import Sequence
@@ -100,8 +101,9 @@ class EngineCore:
             bad = [t for t in getattr(params, name) or () if not 0 <= t < vocab]
             if bad:
                 raise ValueError(f"{name} must hold token ids in [0, {vocab}); got {bad[0]}")
-        if params.prompt_logprobs is not None:
-            raise ValueError("prompt_logprobs is not supported by this engine yet")
+        if params.prompt_logprobs is not None and params.prompt_logprobs > self.config.max_logprobs:
+            raise ValueError(f"prompt_logprobs={params.prompt_logprobs} exceeds max_logprobs "
+                             f"({self.config.max_logprobs})")
 
     def abort(self, request_ids: list[str], reason: str = "abort") -> None:
         for rid in request_ids:
@@ -138,7 +140,9 @@ class EngineCore:
         prev = self._pending
         try:
             self._inject("step", batch.seqs)
-            inputs, logits = self.runner.run(batch, prev.sample.tokens if prev else None)
+            inputs, logits, prompt_scores = self.runner.run(batch, prev.sample.tokens if prev else None)
+            if prompt_scores is not None:  # reads them now: a sync, on steps that score prompt rows only
+                record_prompt_logprobs(inputs.prompt_rows, prompt_scores)
         except Exception as exc:  # the step's requests fail; the engine goes on with the rest
             log.exception("model step failed for %d sequences", len(batch.seqs))
             outputs += self._finish_pending()
@@ -236,6 +240,8 @@ class EngineCore:
         if first:
             self._counters["prompt_tokens"] += seq.num_prompt_tokens
         out = CoreOutput(seq.request_id, [token], num_cached_tokens=seq.num_cached_tokens if first else 0)
+        if first and seq.prompt_logprobs is not None:  # complete: the prompt's last chunk ran before this token
+            out.prompt_logprobs = seq.prompt_logprobs
         if result.logprobs is not None and seq.params.logprobs is not None:
             top = result.top_logprobs[row] or []
             out.logprobs = [TokenLogprobs(result.logprobs[row], result.ranks[row], [t for t, _ in top],

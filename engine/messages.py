@@ -49,6 +49,8 @@ class CoreOutput(msgspec.Struct, array_like=True, omit_defaults=True):
     stop_reason: int | None = None  # the stop token id
     logprobs: list[TokenLogprobs] | None = None  # one per new token, when the request asked
     num_cached_tokens: int = 0
+    # With the first token, when the request asked: prompt positions 1..P-1, each scoring its prompt token.
+    prompt_logprobs: list[TokenLogprobs] | None = None
     error: str | None = None  # the request failed inside the core (finish_reason is then "error")
 
 

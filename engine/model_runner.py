@@ -12,6 +12,7 @@ import torch
 from engine.config import EngineConfig
 from engine.kv_cache import allocate_kv_cache, gpu_kv_budget, num_blocks_for
 from engine.layers.attention import AttentionMetadata
+from engine.prompt_logprobs import PromptRows, TokenScores, score_prompt_rows, select_prompt_rows
 from engine.scheduler import ScheduledBatch
 from engine.sequence import Sequence
 
@@ -25,6 +26,7 @@ class StepInputs:
     meta: AttentionMetadata
     logits_indices: torch.Tensor  # rows of the hidden states whose next token is sampled
     sampled: list[Sequence]  # the sequences those rows belong to, in order
+    prompt_rows: list[PromptRows]  # rows that score prompt tokens (requests with prompt_logprobs)
 
 
 def graph_batch_sizes(max_num_seqs: int) -> list[int]:
@@ -81,9 +83,13 @@ class ModelRunner:
         pending_rows = [i for i, seq in enumerate(decodes) if seq.pending_row is not None]
         pending_src = [decodes[i].pending_row for i in pending_rows]
         cu_seqlens = list(range(len(decodes) + 1))
+        prompt_rows = [select_prompt_rows(seq, p, p + 1, i) for i, (seq, p) in enumerate(zip(decodes, positions))
+                       if seq.prompt_logprobs is not None]  # one-token prompt chunks
         for seq, n in zip(batch.seqs[batch.num_decode_seqs:], batch.num_new_tokens[batch.num_decode_seqs:]):
             start = seq.num_computed_tokens
             end = start + n
+            if seq.prompt_logprobs is not None:
+                prompt_rows.append(select_prompt_rows(seq, start, end, cu_seqlens[-1]))
             table = seq.block_table
             input_ids.extend(seq.token_ids[start:end])
             positions.extend(range(start, end))
@@ -103,7 +109,7 @@ class ModelRunner:
             slot_mapping=slot_t, block_tables=tables, context_lens=ctx.to(torch.int32),
             cu_seqlens_q=cu.to(torch.int32), num_decode_seqs=batch.num_decode_seqs,
             max_query_len=max(batch.num_new_tokens), max_context_len=max(context_lens))
-        return StepInputs(ids, pos, meta, logit_idx, sampled)
+        return StepInputs(ids, pos, meta, logit_idx, sampled, [r for r in prompt_rows if r is not None])
 
     def _upload(self, fields: list[list[int]], seqs: list[Sequence]) -> list[torch.Tensor]:
         """One host buffer (pinned on CUDA) and one asynchronous copy for all of the step's
@@ -123,7 +129,10 @@ class ModelRunner:
 
     # ---------------------------------------------------------------- run
     @torch.inference_mode()
-    def run(self, batch: ScheduledBatch, prev_tokens: torch.Tensor | None = None) -> tuple[StepInputs, torch.Tensor]:
+    def run(self, batch: ScheduledBatch, prev_tokens: torch.Tensor | None = None
+            ) -> tuple[StepInputs, torch.Tensor, TokenScores | None]:
+        """The step's inputs, the logits of its sampled rows, and the scores of its prompt rows (None
+        when no request asked for prompt logprobs)."""
         inputs = self.prepare(batch, prev_tokens)
         num_seqs = len(batch.seqs)
         if self.graphs and batch.num_decode_seqs == num_seqs and num_seqs <= max(self.graphs):
@@ -131,7 +140,11 @@ class ModelRunner:
         else:
             hidden = self.model(inputs.input_ids, inputs.positions, inputs.meta)
         logits = self.model.compute_logits(hidden[inputs.logits_indices])
-        return inputs, logits
+        prompt_scores = None
+        if inputs.prompt_rows:
+            prompt_scores = score_prompt_rows(self.model.compute_logits, hidden, inputs.prompt_rows,
+                                              self.config.hf_config.vocab_size)
+        return inputs, logits, prompt_scores
 
     # ---------------------------------------------------------------- CUDA graphs
     def _graph_buffers(self, max_bs: int) -> dict[str, torch.Tensor]:

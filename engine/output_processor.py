@@ -45,6 +45,7 @@ class RequestState:
     metrics: RequestMetrics
     num_cached_tokens: int = 0
     error: str | None = None  # set when the core failed the request
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None  # vLLM's shape: None at position 0
 
     @property
     def finished(self) -> bool:
@@ -143,6 +144,8 @@ class OutputProcessor:
         """Fold one core output into its sample; True if a stop string finished it here."""
         if out.error is not None:
             state.error = out.error
+        if out.prompt_logprobs is not None and state.prompt_logprobs is None:  # n samples score it n times
+            state.prompt_logprobs = self._prompt_logprobs(state.prompt_token_ids, out.prompt_logprobs)
         if out.new_token_ids:
             if state.metrics.first_token_time is None:
                 state.metrics.first_token_time = now
@@ -177,6 +180,18 @@ class OutputProcessor:
             sample.logprobs.append(entry)
             sample.cumulative_logprob += lp.logprob
 
+    def _prompt_logprobs(self, prompt_ids: list[int], scored: list) -> list[dict[int, Logprob] | None]:
+        """vLLM's prompt_logprobs: None for the first token, then for each prompt token a dict of it
+        (with its rank in the distribution) and the top-N (ranks 1..N), each with its decoded text."""
+        decode = lambda tid: self.tokenizer.decode([tid])  # noqa: E731  (as vLLM: each token alone)
+        result: list[dict[int, Logprob] | None] = [None]
+        for token, lp in zip(prompt_ids[1:], scored):
+            entry = {tid: Logprob(value, rank, decode(tid))
+                     for rank, (tid, value) in enumerate(zip(lp.top_ids, lp.top_logprobs), start=1)}
+            entry[token] = Logprob(lp.logprob, lp.rank, decode(token))
+            result.append(entry)
+        return result
+
     # ---------------------------------------------------------------- outputs
     def make_output(self, state: RequestState) -> RequestOutput:
         completions = []
@@ -193,5 +208,5 @@ class OutputProcessor:
                 finish_reason=sample.finish_reason, stop_reason=sample.stop_reason))
         return RequestOutput(request_id=state.request_id, prompt=state.prompt,
                              prompt_token_ids=state.prompt_token_ids, outputs=completions,
-                             finished=state.finished, num_cached_tokens=state.num_cached_tokens,
-                             metrics=state.metrics, error=state.error)
+                             finished=state.finished, prompt_logprobs=state.prompt_logprobs,
+                             num_cached_tokens=state.num_cached_tokens, metrics=state.metrics, error=state.error)

@@ -89,7 +89,9 @@ class Scheduler:
     def _admit_waiting(self, budget: int, scheduled: dict) -> int:
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
-            if not seq.block_table and seq.num_computed_tokens == 0:
+            # A request scoring its prompt needs every prompt row computed: it does not read the prefix
+            # cache (as vLLM v1; engine/prompt_logprobs.py).
+            if not seq.block_table and seq.num_computed_tokens == 0 and seq.prompt_logprobs is None:
                 cached = self.block_manager.match_prefix(seq)
                 if seq.first_scheduled_time is None:
                     seq.num_cached_tokens = cached

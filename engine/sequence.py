@@ -40,6 +40,8 @@ class Sequence:
         self.first_scheduled_time: float | None = None
         self.first_token_time: float | None = None
         self.num_preemptions = 0
+        # Scored prompt tokens (positions 1, 2, ...), filled step by step (engine/prompt_logprobs.py).
+        self.prompt_logprobs: list | None = [] if params.prompt_logprobs is not None else None
 
     def __len__(self) -> int:
         return len(self.token_ids)

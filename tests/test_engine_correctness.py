@@ -57,7 +57,7 @@ def test_prefill_logits_match_transformers(name):
     for i, p in enumerate(prompts):
         engine.add_request(str(i), p, SamplingParams(max_tokens=1))
     batch = engine.scheduler.schedule()
-    inputs, logits = engine.runner.run(batch)
+    inputs, logits, _ = engine.runner.run(batch)
     model = hf_model(name)
     for seq, row in zip(inputs.sampled, logits):
         with torch.no_grad():

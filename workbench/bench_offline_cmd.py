@@ -1,10 +1,11 @@
-"""`workbench bench throughput` and `workbench bench latency`. Their flags are argparse (the engine's
-flags are shared with `workbench serve`), so typer passes the arguments through untouched;
+"""`workbench bench throughput`, `bench latency` and `bench quality`. Their flags are argparse (the
+engine's flags are shared with `workbench serve`), so typer passes the arguments through untouched;
 `--help` prints argparse's help."""
 from __future__ import annotations
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 PASS_THROUGH = {"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []}
@@ -23,7 +24,7 @@ def _run(kind: str, argv: list[str]) -> None:
         result = module.run_latency(args) if kind == "latency" else module.run_throughput(args)
         result.save(path)
     except (ValueError, OSError, RuntimeError, ImportError) as exc:  # ConfigError is a ValueError
-        console.print(f"[red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        console.print(f"[red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
     Console().print(_latency_table(result) if kind == "latency" else _metrics_table(result, args.model))
     for note in result.extra.get("notes", []):
@@ -55,6 +56,42 @@ def _latency_table(result) -> Table:
                       f"{r['output_throughput']:,.1f}", f"{r['tpot_floor_ms']:.3f}", f"{r['tpot_over_floor']:.2f}",
                       str(r["preemptions"]))
     return table
+
+
+def _quality_table(result) -> Table:
+    m = result.metrics
+    table = Table(title=f"bench quality: {result.config.get('model')} on {result.config['text_name']}")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    table.add_row("perplexity", f"{m['perplexity']:.4f}")
+    if m.get("baseline_perplexity") is not None:
+        table.add_row("transformers perplexity", f"{m['baseline_perplexity']:.4f}")
+        table.add_row("ratio (ours / transformers)", f"{m['perplexity_ratio']:.5f}")
+    table.add_row("scored tokens", f"{int(m['num_scored_tokens']):,}")
+    table.add_row("windows", str(int(m["num_windows"])))
+    table.add_row("scored tokens/s", f"{m['scored_tokens_per_s']:,.0f}")
+    return table
+
+
+def quality(ctx: typer.Context) -> None:
+    """Perplexity of a model on a fixed text through prompt logprobs; --help for the flags."""
+    from workbench import bench_quality
+    from workbench.bench_throughput import output_path
+
+    args = bench_quality.build_parser().parse_args(list(ctx.args))  # bad flags: one line, exit 2
+    path = output_path(args, "quality")
+    try:
+        result = bench_quality.run_quality(args)
+        result.save(path)
+    except (ValueError, OSError, RuntimeError, ImportError) as exc:  # ConfigError is a ValueError
+        console.print(f"[red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+    Console().print(_quality_table(result))
+    console.print(f"result written to {path}")
+    baseline = result.extra.get("baseline", {})
+    if "error" in baseline:
+        console.print(f"[red]error:[/] the transformers baseline failed: {baseline['error']}", soft_wrap=True)
+        raise typer.Exit(1)
 
 
 def throughput(ctx: typer.Context) -> None:

@@ -5,8 +5,8 @@ import typer
 
 app = typer.Typer(help="PagedBench: benchmark and tune LLM serving.", no_args_is_help=True,
                   pretty_exceptions_enable=False, add_completion=False)
-bench_app = typer.Typer(help="Benchmarks: serving (any OpenAI-compatible endpoint), offline throughput, latency.",
-                        no_args_is_help=True)
+bench_app = typer.Typer(help="Benchmarks: serving (any OpenAI-compatible endpoint), offline throughput, latency, "
+                        "quality (perplexity).", no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
 
 # --- command registration: one line per module (keep this block sorted) ---
@@ -15,9 +15,10 @@ app.add_typer(models_app, name="models")
 from workbench.serve_cmd import serve  # noqa: E402
 app.command("serve", context_settings={"allow_extra_args": True, "ignore_unknown_options": True,
                                        "help_option_names": []})(serve)
-from workbench.bench_offline_cmd import PASS_THROUGH, latency, throughput  # noqa: E402
+from workbench.bench_offline_cmd import PASS_THROUGH, latency, quality, throughput  # noqa: E402
 bench_app.command("throughput", context_settings=PASS_THROUGH)(throughput)
 bench_app.command("latency", context_settings=PASS_THROUGH)(latency)
+bench_app.command("quality", context_settings=PASS_THROUGH)(quality)
 from workbench.bench_serve_cmd import ceiling, serve as bench_serve  # noqa: E402
 bench_app.command("serve")(bench_serve)
 bench_app.command("ceiling")(ceiling)

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from engine.config import ConfigError
@@ -55,6 +56,6 @@ def create(preset: str = typer.Argument(..., help="Preset name (see `workbench m
         with console.status(f"writing {preset} ({_size(PRESETS[preset])}) to {out} ..."):
             create_preset(preset, out, seed=seed, with_weights=not no_weights, force=force)
     except ConfigError as exc:  # the real preset without its packages, say
-        console.print(f"[red]error:[/] {exc}")
+        console.print(f"[red]error:[/] {escape(str(exc))}", soft_wrap=True)  # escape: the message says [real]
         raise typer.Exit(2)
     console.print(f"wrote {preset} to {out}")

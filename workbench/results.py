@@ -73,7 +73,7 @@ class RequestRecord(BaseModel):
 
 class BenchResult(BaseModel):
     schema_version: int = SCHEMA_VERSION
-    kind: Literal["serve", "throughput", "latency", "gate"] = "serve"
+    kind: Literal["serve", "throughput", "latency", "gate", "quality"] = "serve"
     created: str = Field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
     label: str = ""  # a short name for plots and tables, e.g. "prefix-on" or "rate=4"
     command: str = Field(default_factory=lambda: " ".join(sys.argv))

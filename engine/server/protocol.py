@@ -51,6 +51,7 @@ class SamplingFields(BaseModel):
     skip_special_tokens: bool = True
     logit_bias: dict[str, float] | None = None  # OpenAI's keys are token ids written as strings
     allowed_token_ids: list[int] | None = None
+    prompt_logprobs: int | None = None  # checked in OpenAIServing.sampling (vLLM's rules and messages)
 
     def sampling_params(self, max_tokens: int, logprobs: int | None) -> SamplingParams:
         return SamplingParams(n=self.n, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
@@ -60,7 +61,7 @@ class SamplingFields(BaseModel):
                               ignore_eos=self.ignore_eos, stop=self.stop, stop_token_ids=self.stop_token_ids,
                               include_stop_str_in_output=self.include_stop_str_in_output, logprobs=logprobs,
                               skip_special_tokens=self.skip_special_tokens, logit_bias=self.logit_bias_ids(),
-                              allowed_token_ids=self.allowed_token_ids)
+                              allowed_token_ids=self.allowed_token_ids, prompt_logprobs=self.prompt_logprobs)
 
     def logit_bias_ids(self) -> dict[int, float] | None:
         if not self.logit_bias:

@@ -10,7 +10,7 @@ from fastapi.responses import StreamingResponse
 from engine.outputs import CompletionOutput
 from engine.server.core_client import EngineDeadError
 from engine.server.protocol import ChatCompletionRequest, OpenAIError
-from engine.server.serving_common import OpenAIServing
+from engine.server.serving_common import OpenAIServing, prompt_logprobs_json
 from engine.server.sse import DONE, collect, engine_error, failed_output_error, merge_streams, sse, until_disconnected
 
 
@@ -33,7 +33,8 @@ async def create_chat_completion(serving: OpenAIServing, req: ChatCompletionRequ
                 "stop_reason": c.stop_reason} for c in final.outputs]
     completion_tokens = sum(len(c.token_ids) for c in final.outputs)
     return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": serving.model_name,
-            "choices": choices, "usage": serving.usage(len(ids), completion_tokens, final.num_cached_tokens)}
+            "choices": choices, "usage": serving.usage(len(ids), completion_tokens, final.num_cached_tokens),
+            "prompt_logprobs": prompt_logprobs_json(final.prompt_logprobs)}  # vLLM: on the response
 
 
 async def stream_chat(serving: OpenAIServing, req: ChatCompletionRequest, rid: str, prompt_len: int, stream):

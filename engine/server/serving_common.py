@@ -89,6 +89,7 @@ class OpenAIServing:
         if logprobs is not None and logprobs > self.limits.max_logprobs:
             raise OpenAIError(f"{logprobs_field}={logprobs} exceeds the server's max_logprobs "
                               f"({self.limits.max_logprobs}).", param=logprobs_field)
+        self.check_prompt_logprobs(req)
         try:
             params = req.sampling_params(self.budget(prompt_len, max_tokens, req.n), logprobs)
         except ValueError as exc:  # SamplingParams' messages start with the field's name
@@ -102,6 +103,21 @@ class OpenAIServing:
         if params.top_k > vocab:  # as vLLM: a top-k past the vocabulary keeps every token
             params.top_k = -1
         return params
+
+    def check_prompt_logprobs(self, req) -> None:
+        """vLLM's rules: not with streaming, non-negative, at most max_logprobs. vLLM's -1 (the whole
+        vocabulary) is refused: it would send vocab-size dicts per prompt token."""
+        n = req.prompt_logprobs
+        if n is None:
+            return
+        if req.stream and n != 0:
+            raise OpenAIError("`prompt_logprobs` are not available when `stream=True`.", param="prompt_logprobs")
+        if n < 0:
+            raise OpenAIError(f"prompt_logprobs must be between 0 and max_logprobs ({self.limits.max_logprobs}); "
+                              f"got {n} (-1, the whole vocabulary, is not supported)", param="prompt_logprobs")
+        if n > self.limits.max_logprobs:
+            raise OpenAIError(f"prompt_logprobs={n} exceeds the server's max_logprobs ({self.limits.max_logprobs}).",
+                              param="prompt_logprobs")
 
     # ---------------------------------------------------------------- prompts
     async def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
@@ -163,6 +179,15 @@ class OpenAIServing:
         return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                 "total_tokens": prompt_tokens + completion_tokens,
                 "prompt_tokens_details": {"cached_tokens": cached_tokens}}
+
+
+def prompt_logprobs_json(prompt_logprobs) -> list | None:
+    """RequestOutput.prompt_logprobs in vLLM's JSON: None, then {token id: {logprob, rank, decoded_token}}."""
+    if prompt_logprobs is None:
+        return None
+    return [None if entry is None else {str(tid): {"logprob": lp.logprob, "rank": lp.rank,
+                                                   "decoded_token": lp.decoded_token} for tid, lp in entry.items()}
+            for entry in prompt_logprobs]
 
 
 def _text_content(content, i: int) -> str:

@@ -10,7 +10,7 @@ from fastapi.responses import StreamingResponse
 from engine.outputs import CompletionOutput
 from engine.server.core_client import EngineDeadError
 from engine.server.protocol import CompletionRequest, OpenAIError
-from engine.server.serving_common import OpenAIServing
+from engine.server.serving_common import OpenAIServing, prompt_logprobs_json
 from engine.server.sse import DONE, collect, engine_error, failed_output_error, merge_streams, sse, until_disconnected
 
 
@@ -30,10 +30,12 @@ async def create_completion(serving: OpenAIServing, req: CompletionRequest, raw:
     finals = await until_disconnected(raw, collect(streams))
     choices, completion_tokens = [], 0
     for i, out in enumerate(finals):
+        prompt_logprobs = prompt_logprobs_json(out.prompt_logprobs)  # vLLM: on each choice of the prompt
         for c in out.outputs:
             completion_tokens += len(c.token_ids)
             choices.append({"index": i * req.n + c.index, "text": c.text, "finish_reason": c.finish_reason,
-                            "stop_reason": c.stop_reason, "logprobs": completion_logprobs(serving.tokenizer, c, 0, 0)})
+                            "stop_reason": c.stop_reason, "logprobs": completion_logprobs(serving.tokenizer, c, 0, 0),
+                            "prompt_logprobs": prompt_logprobs})
     prompt_tokens = sum(len(ids) for _, ids in prompts)
     cached = sum(out.num_cached_tokens for out in finals)
     return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": serving.model_name,
