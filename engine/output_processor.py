@@ -186,9 +186,9 @@ class OutputProcessor:
         decode = lambda tid: self.tokenizer.decode([tid])  # noqa: E731  (as vLLM: each token alone)
         result: list[dict[int, Logprob] | None] = [None]
         for token, lp in zip(prompt_ids[1:], scored):
-            entry = {tid: Logprob(value, rank, decode(tid))
-                     for rank, (tid, value) in enumerate(zip(lp.top_ids, lp.top_logprobs), start=1)}
-            entry[token] = Logprob(lp.logprob, lp.rank, decode(token))
+            entry = {token: Logprob(lp.logprob, lp.rank, decode(token))}  # first, as vLLM orders them
+            for rank, (tid, value) in enumerate(zip(lp.top_ids, lp.top_logprobs), start=1):
+                entry.setdefault(tid, Logprob(value, rank, decode(tid)))
             result.append(entry)
         return result
 
