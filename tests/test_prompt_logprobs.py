@@ -41,25 +41,31 @@ SETTINGS = {
     "one-step": {},
     "chunked": {"max_num_batched_tokens": 16, "max_num_seqs": 4},  # prompts of 20-60 tokens: 2-4 chunks each
     "prefix-cache": {"enable_prefix_caching": True, "block_size": 16},
+    # 14 blocks for 6 sequences growing by 40 tokens: preempted and recomputed, prompts scored once
+    "preempting": {"num_gpu_blocks_override": 14, "block_size": 16, "max_model_len": 160, "max_num_batched_tokens": 32,
+                   "max_num_seqs": 8},
 }
 
 
 @pytest.mark.parametrize("setting", SETTINGS)
 def test_prompt_logprobs_match_a_direct_forward(setting):
     prompts = (shared_prefix_prompts(3, 4000, prefix_len=40, seed=4) if setting == "prefix-cache"
-               else random_prompts(4, 4000, seed=2, lo=20, hi=60))
+               else random_prompts(6 if setting == "preempting" else 4, 4000, seed=2, lo=20, hi=60))
+    max_tokens = 40 if setting == "preempting" else 2
     llm = LLM(str(model_dir("tiny")), dtype="float32", **SETTINGS[setting])
     if setting == "prefix-cache":  # the shared prefix is cached before the scored requests arrive
         llm.generate([{"prompt_token_ids": prompts[0]}], SamplingParams(max_tokens=1), use_tqdm=False)
     before = llm.llm_engine.get_stats()
-    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], SamplingParams(max_tokens=2, prompt_logprobs=TOP),
-                        use_tqdm=False)
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
+                        SamplingParams(max_tokens=max_tokens, prompt_logprobs=TOP, ignore_eos=True), use_tqdm=False)
     after = llm.llm_engine.get_stats()
     for p, out in zip(prompts, outs):
         check_against_forward(p, out.prompt_logprobs)
         assert out.num_cached_tokens == 0
     if setting == "chunked":
         assert after.num_steps_total - before.num_steps_total >= 4, "the prompts were meant to be split"
+    if setting == "preempting":
+        assert after.num_preemptions_total > 0, "the small cache was meant to force preemption"
     if setting == "prefix-cache":
         # Scored requests compute every prompt row (no cache reads), but still fill the cache for others.
         assert after.prefix_cache_hits_total == before.prefix_cache_hits_total
