@@ -18,7 +18,8 @@ Undoing llama.cpp's conventions:
 
 Weights are dequantized to float32 and written in `dtype` (bfloat16 by default, the original release's
 dtype). bfloat16 rounding (relative 2^-9) is far below the 4-bit quantization step already in the
-values, so the written model is the GGUF model for every purpose here; float32 is exact.
+values, so the written model is the GGUF model for every purpose here; float32 is exact. Measured with
+`bench quality` on its built-in text: perplexity 21.439 from float32 weights, 21.448 from bfloat16 (+0.04%).
 """
 from __future__ import annotations
 
