@@ -73,13 +73,14 @@ class BlockManager:
 
     def match_prefix(self, seq: Sequence, extra_key: object = None) -> int:
         """On first admission: attach cached blocks for the longest cached run of full blocks at the
-        start of the sequence. Returns the number of tokens whose K/V came from the cache. At least
-        one token is always left to compute, since the step must produce logits for it."""
+        start of the sequence. Returns the number of tokens whose K/V came from the cache (the
+        scheduler records it as computed). At least one token is always left to compute, since the
+        step must produce logits for it."""
         if not self.enable_prefix_caching:
             return 0
-        assert not seq.block_table and seq.num_computed_tokens == 0
+        assert not seq.block_table and seq.num_computed_tokens == 0 and not seq.num_pending_tokens
         self.prefix_queries += seq.num_prompt_tokens
-        max_blocks = (len(seq) - 1) // self.block_size
+        max_blocks = (len(seq.token_ids) - 1) // self.block_size
         parent = NO_HASH
         for i in range(max_blocks):
             tokens = tuple(seq.token_ids[i * self.block_size:(i + 1) * self.block_size])
@@ -95,7 +96,6 @@ class BlockManager:
             seq.block_hashes.append(h)
             parent = h
         hit = len(seq.block_table) * self.block_size
-        seq.num_computed_tokens = hit
         self.prefix_hits += min(hit, seq.num_prompt_tokens)
         return hit
 
@@ -106,8 +106,7 @@ class BlockManager:
         `seq.block_hashes` remembers the chain so each block is hashed once."""
         if not self.enable_prefix_caching:
             return
-        if seq.pending_row is not None:  # its newest token is still on the device: hash that block later
-            num_tokens = min(num_tokens, len(seq.token_ids) - 1)
+        num_tokens = min(num_tokens, len(seq.token_ids))  # a token still on the device: hash its block later
         num_full = num_tokens // self.block_size
         for i in range(len(seq.block_hashes), num_full):
             parent = seq.block_hashes[-1] if seq.block_hashes else NO_HASH

@@ -12,29 +12,26 @@ import os
 import time
 from dataclasses import dataclass
 
-import torch
-
 from engine.block_manager import BlockManager
 from engine.config import EngineConfig
-from engine.messages import CoreOutput, CoreRequest, EngineStats, TokenLogprobs
-from engine.model_loader import build_model, load_hf_config, load_tokenizer
-from engine.model_runner import ModelRunner
+from engine.executor import PendingModelOutput, UniprocExecutor
+from engine.messages import CoreOutput, CoreRequest, EngineStats
+from engine.model_loader import load_hf_config, load_tokenizer
+from engine.output_handler import OutputHandler
 from engine.presets import resolve_model
-from engine.prompt_logprobs import record_prompt_logprobs
-from engine.sampler import PendingSample, Sampler, SampleResult, SamplingBatch, make_generator
-from engine.scheduler import Scheduler
+from engine.scheduler import ScheduledStep, Scheduler
+from engine.scheduler_output import RequestSampling
 from engine.sequence import Sequence
+from engine.step_timer import StepTimer
 
 log = logging.getLogger("engine")
-
-PENDING_TOKEN = -1  # a sampled token still on the device (see EngineCore.step)
 
 
 @dataclass
 class PendingStep:
     """The step whose sampled tokens the host has not read yet."""
-    seqs: list[Sequence]  # the sampled sequences, in the rows of `sample`
-    sample: PendingSample
+    step: ScheduledStep
+    output: PendingModelOutput
 
 
 class EngineCore:
@@ -49,24 +46,28 @@ class EngineCore:
         tokenizer = load_tokenizer(self.tokenizer_dir)
         self.eos_token_ids = eos_token_ids(tokenizer, self.model_dir)
         self.vocab_size = hf_config.vocab_size
-        self.device = torch.device(config.device)
-        torch.manual_seed(config.seed)
-        model = build_model(hf_config, config.torch_dtype, self.device, self.model_dir, config.load_format,
-                            config.seed)
-        self.runner = ModelRunner(config, model, self.device)
-        self.block_manager = BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
+        self.step_timer = StepTimer()
+        self.executor = UniprocExecutor(config, self.model_dir, self.step_timer)
+        num_blocks = self.executor.determine_num_blocks()
+        self.executor.initialize_cache(num_blocks)
+        self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(config, self.block_manager)
-        self.sampler = Sampler(config.seed, self.device)
+        self._faults = test_faults(os.environ.get("PAGEDBENCH_TEST_FAULTS", ""))
+        self.output_handler = OutputHandler(self.eos_token_ids, lambda seq: self._inject("request", [seq]))
         self.requests: dict[str, Sequence] = {}
         self._finished_outputs: list[CoreOutput] = []  # aborts and failures, reported with the next step
         self._pending: PendingStep | None = None
         self._counters = {"prompt_tokens": 0, "generation_tokens": 0, "steps": 0, "scheduled_tokens": 0}
-        self._faults = test_faults(os.environ.get("PAGEDBENCH_TEST_FAULTS", ""))
         log.info("engine ready in %.1f s: %s on %s, dtype %s, max_model_len %d, %d KV blocks, max_num_seqs %d, "
                  "max_num_batched_tokens %d, prefix caching %s, chunked prefill %s, CUDA graphs %s",
-                 time.perf_counter() - start, self.model_dir, self.device, config.torch_dtype, config.max_model_len,
-                 self.runner.num_blocks, config.max_num_seqs, config.max_num_batched_tokens,
+                 time.perf_counter() - start, self.model_dir, config.device, config.torch_dtype, config.max_model_len,
+                 num_blocks, config.max_num_seqs, config.max_num_batched_tokens,
                  config.enable_prefix_caching, config.enable_chunked_prefill, bool(self.runner.graphs))
+
+    @property
+    def runner(self):
+        """The in-process worker's model runner (benchmarks and tests look inside)."""
+        return self.executor.worker.runner
 
     # ---------------------------------------------------------------- requests
     def add_request(self, request: CoreRequest) -> Sequence:
@@ -77,10 +78,18 @@ class EngineCore:
         if params.n != 1:
             raise ValueError("the engine core takes one sequence per request; the front end fans out n")
         self.validate(request.prompt_token_ids, params)
-        if params.top_k > self.vocab_size:  # as vLLM: a top-k past the vocabulary keeps every token
-            params.top_k = -1
-        generator = None if params.seed is None else make_generator(params.seed, self.device)
-        seq = Sequence(request.request_id, 0, request.prompt_token_ids, params, request.arrival_time, generator)
+        stop_ids = self.output_handler.stop_ids_for(params.ignore_eos, params.stop_token_ids)
+        sampling = RequestSampling(
+            temperature=params.temperature, top_p=params.top_p,
+            top_k=-1 if params.top_k > self.vocab_size else params.top_k,  # as vLLM: past the vocabulary = all
+            min_p=params.min_p, presence_penalty=params.presence_penalty, frequency_penalty=params.frequency_penalty,
+            repetition_penalty=params.repetition_penalty, seed=params.seed, min_tokens=params.min_tokens,
+            min_tokens_stop_ids=sorted(stop_ids) if params.min_tokens else [], logprobs=params.logprobs,
+            logit_bias=params.logit_bias or None, allowed_token_ids=params.allowed_token_ids or None)
+        max_tokens = params.max_tokens if params.max_tokens is not None else self.config.max_model_len
+        prompt = request.prompt_token_ids
+        seq = Sequence(request.request_id, prompt, params, sampling, request.arrival_time,
+                       max_num_tokens=min(len(prompt) + max_tokens, self.config.max_model_len), stop_ids=stop_ids)
         seq.client_index = request.client_index
         self.scheduler.add(seq)
         self.requests[request.request_id] = seq
@@ -101,25 +110,17 @@ class EngineCore:
             bad = [t for t in getattr(params, name) or () if not 0 <= t < vocab]
             if bad:
                 raise ValueError(f"{name} must hold token ids in [0, {vocab}); got {bad[0]}")
-        if params.prompt_logprobs is not None and params.prompt_logprobs > self.config.max_logprobs:
-            raise ValueError(f"prompt_logprobs={params.prompt_logprobs} exceeds max_logprobs "
-                             f"({self.config.max_logprobs})")
+        if params.prompt_logprobs is not None:
+            raise ValueError("prompt_logprobs is not supported by this engine yet")
 
     def abort(self, request_ids: list[str], reason: str = "abort") -> None:
         for rid in request_ids:
             seq = self.requests.pop(rid, None)
             if seq is None:
                 continue
-            self._drop_pending_token(seq)
             if not seq.is_finished:
                 self.scheduler.finish(seq, reason)
             self._finished_outputs.append(CoreOutput(rid, [], finish_reason=reason))
-
-    @staticmethod
-    def _drop_pending_token(seq: Sequence) -> None:
-        if seq.pending_row is not None:  # its in-flight token is dropped with it
-            seq.token_ids.pop()
-            seq.pending_row = None
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests) or bool(self._finished_outputs)
@@ -131,42 +132,38 @@ class EngineCore:
     def step(self) -> list[CoreOutput]:
         """Schedule and launch this step, then finish the previous one on the host while the device
         computes: its tokens are appended and stops checked one step late. A running sequence whose
-        token is still on the device holds a placeholder (-1) as its newest token; its next decode
-        input is gathered from the device tensor, so the host never waits."""
+        token is still on the device counts it in num_tokens (not yet in token_ids); the worker
+        gathers its next decode input from the previous step's output tensor, so the host never
+        waits. A row computed for a sequence that the previous step finished is dropped."""
+        timer = self.step_timer
+        timer.start()
         outputs, self._finished_outputs = self._finished_outputs, []
-        batch = self.scheduler.schedule()
-        if not batch:
+        step = self.scheduler.schedule()
+        timer.lap("schedule")
+        if not step:
+            if step.has_removals:  # rows to drop, nothing to run: the workers apply it at once
+                self._launch(step)
             return outputs + self._finish_pending()
-        prev = self._pending
         try:
-            self._inject("step", batch.seqs)
-            inputs, logits, prompt_scores = self.runner.run(batch, prev.sample.tokens if prev else None)
-            if prompt_scores is not None:  # reads them now: a sync, on steps that score prompt rows only
-                record_prompt_logprobs(inputs.prompt_rows, prompt_scores)
+            launched = self._launch(step)
         except Exception as exc:  # the step's requests fail; the engine goes on with the rest
-            log.exception("model step failed for %d sequences", len(batch.seqs))
+            log.exception("model step failed for %d sequences", len(step.seqs))
             outputs += self._finish_pending()
-            self._fail(batch.seqs, exc)
+            self._fail(step.seqs, exc)
             return outputs + self._take_finished()
         self._counters["steps"] += 1
-        self._counters["scheduled_tokens"] += batch.num_tokens
-        for seq, n in zip(batch.seqs, batch.num_new_tokens):
-            seq.num_computed_tokens += n
+        self._counters["scheduled_tokens"] += step.num_tokens
         outputs += self._finish_pending()  # overlaps this step's device work
-        # Rows of sequences that the previous step finished were computed for nothing; drop them.
-        if inputs.sampled:
-            try:
-                sample = self.sampler(logits, self._sampling_batch(inputs.sampled))
-            except Exception as exc:
-                log.exception("sampling failed for %d sequences", len(inputs.sampled))
-                self._fail(inputs.sampled, exc)
-                return outputs + self._take_finished()
-            for i, seq in enumerate(inputs.sampled):
-                if not seq.is_finished:
-                    seq.append_token(PENDING_TOKEN)
-                    seq.pending_row = i
-            self._pending = PendingStep(inputs.sampled, sample)
+        self._pending = PendingStep(step, launched)
         return outputs + self._take_finished()
+
+    def _launch(self, step: ScheduledStep) -> PendingModelOutput:
+        try:
+            self._inject("step", step.seqs)
+            return self.executor.execute_model(step.plan)
+        except Exception:
+            self.scheduler.plan_failed(step.plan)  # its removals are told again with the next plan
+            raise
 
     def fail_all(self, message: str) -> list[CoreOutput]:
         """Fail every request (after a fault the core cannot pin on some of them); returns their outputs."""
@@ -185,86 +182,32 @@ class EngineCore:
         for seq in seqs:
             if self.requests.pop(seq.request_id, None) is None:
                 continue
-            self._drop_pending_token(seq)
             if not seq.is_finished:
                 self.scheduler.finish(seq, "error")
             self._finished_outputs.append(CoreOutput(seq.request_id, [], finish_reason="error", error=message))
 
     def _finish_pending(self) -> list[CoreOutput]:
-        """Append the in-flight step's tokens (waiting for its device work if need be), check stops,
-        and return one output per sequence that got a token."""
+        """Read the in-flight step's tokens (waiting for its device work if need be) and hand them
+        to output handling; finish what stopped."""
         pending, self._pending = self._pending, None
         if pending is None:
             return []
         try:
-            result = pending.sample.result()
+            result = pending.output.result()
         except Exception as exc:
             log.exception("reading the sampled tokens failed")
-            self._fail([s for s in pending.seqs if s.pending_row is not None], exc)
+            self._fail(pending.step.seqs, exc)
             return []
-        outputs = []
-        for i, seq in enumerate(pending.seqs):
-            if seq.pending_row is None:  # finished or aborted since it was scheduled
-                continue
-            seq.pending_row = None
-            try:
-                outputs.append(self._append(seq, i, result))
-            except Exception as exc:  # one request's failure stays its own
-                log.exception("handling the token of request %s failed", seq.request_id)
-                self._fail([seq], exc)
-        return outputs
-
-    def _sampling_batch(self, seqs: list[Sequence]) -> SamplingBatch:
-        blocked = []
-        for seq in seqs:
-            p = seq.params
-            if seq.num_output_tokens < p.min_tokens:
-                blocked.append(list(p.stop_token_ids) + ([] if p.ignore_eos else sorted(self.eos_token_ids)))
-            else:
-                blocked.append([])
-        # Token histories are only needed for penalties; copying them every step would dominate the
-        # host time of large decode batches.
-        penalised = any(s.params.repetition_penalty != 1.0 or s.params.presence_penalty != 0.0
-                        or s.params.frequency_penalty != 0.0 for s in seqs)
-        return SamplingBatch(params=[s.params for s in seqs],
-                             prompt_token_ids=[s.token_ids[:s.num_prompt_tokens] for s in seqs] if penalised else [],
-                             output_token_ids=[s.output_token_ids for s in seqs] if penalised else [],
-                             generators=[s.generator for s in seqs], stop_ids_to_block=blocked)
-
-    def _append(self, seq: Sequence, row: int, result: SampleResult) -> CoreOutput:
-        self._inject("request", [seq])
-        token = result.token_ids[row]
-        seq.token_ids[-1] = token  # in place of the placeholder
-        self._counters["generation_tokens"] += 1
-        first = seq.num_output_tokens == 1
-        if first:
-            self._counters["prompt_tokens"] += seq.num_prompt_tokens
-        out = CoreOutput(seq.request_id, [token], num_cached_tokens=seq.num_cached_tokens if first else 0)
-        if first and seq.prompt_logprobs is not None:  # complete: the prompt's last chunk ran before this token
-            out.prompt_logprobs = seq.prompt_logprobs
-        if result.logprobs is not None and seq.params.logprobs is not None:
-            top = result.top_logprobs[row] or []
-            out.logprobs = [TokenLogprobs(result.logprobs[row], result.ranks[row], [t for t, _ in top],
-                                          [lp for _, lp in top])]
-        reason, stop = self._check_stop(seq, token)
-        if reason is not None:
-            out.finish_reason, out.stop_reason = reason, stop
-            seq.finish_reason, seq.stop_reason = reason, stop
-            self.scheduler.finish(seq, reason)
+        outcome = self.output_handler.process(result, self.requests)
+        for seq in outcome.finished:
+            self.scheduler.finish(seq, seq.finish_reason)
             del self.requests[seq.request_id]
-        return out
-
-    def _check_stop(self, seq: Sequence, token: int) -> tuple[str | None, int | None]:
-        p = seq.params
-        past_min = seq.num_output_tokens >= p.min_tokens
-        if past_min and not p.ignore_eos and token in self.eos_token_ids:
-            return "stop", None
-        if past_min and token in p.stop_token_ids:
-            return "stop", token
-        max_tokens = p.max_tokens if p.max_tokens is not None else self.config.max_model_len
-        if seq.num_output_tokens >= max_tokens or len(seq) >= self.config.max_model_len:
-            return "length", None
-        return None, None
+        for seq, exc in outcome.failed:
+            self._fail([seq], exc)
+        self._counters["generation_tokens"] += outcome.num_generated
+        self._counters["prompt_tokens"] += outcome.num_prompt_tokens
+        self.step_timer.lap("output")
+        return outcome.outputs
 
     def _inject(self, where: str, seqs: list[Sequence]) -> None:
         token = self._faults.get(where)
@@ -274,7 +217,7 @@ class EngineCore:
     def shutdown(self) -> None:
         """Free the device memory; the core cannot step afterwards."""
         self._pending = None
-        self.runner.release()
+        self.executor.shutdown()
 
     # ---------------------------------------------------------------- stats
     def get_stats(self) -> EngineStats:

@@ -22,30 +22,42 @@ def bytes_per_block(config: EngineConfig) -> int:
 
 @dataclass
 class MemoryProfile:
+    """The device memory plan. The KV cache gets what is left of total x utilization, so the parts
+    add up to that budget exactly."""
     total: int
+    utilization: float
     weights: int
-    activation_peak: int  # torch peak during the profiling forward, weights excluded
+    batch_buffers: int  # the runner's persistent batch: staging, block tables, penalty counts
+    activation_peak: int  # torch peak of the profiling step above weights, buffers and its scratch cache
     non_torch: int  # CUDA context, cuBLAS workspaces, other libraries
-    cuda_graphs: int
-    kv_budget: int
+    cuda_graphs: int  # a trial capture of the largest decode graph (device memory it took, >= 0)
+
+    @property
+    def budget(self) -> int:
+        return int(self.total * self.utilization)
+
+    @property
+    def kv_budget(self) -> int:
+        return (self.budget - self.weights - self.batch_buffers - self.activation_peak - self.non_torch
+                - self.cuda_graphs)
 
     def describe(self) -> str:
         g = lambda b: f"{b / GiB:.2f} GiB"  # noqa: E731
-        return (f"device memory {g(self.total)}; weights {g(self.weights)}, activation peak {g(self.activation_peak)}, "
-                f"non-torch {g(self.non_torch)}, CUDA graphs {g(self.cuda_graphs)} -> KV cache {g(self.kv_budget)}")
+        return (f"{g(self.budget)} ({self.utilization:g} of {g(self.total)}) = weights {g(self.weights)} + batch "
+                f"buffers {g(self.batch_buffers)} + activation peak {g(self.activation_peak)} + non-torch "
+                f"{g(self.non_torch)} + CUDA graphs {g(self.cuda_graphs)} + KV cache {g(self.kv_budget)}")
 
 
-def gpu_kv_budget(config: EngineConfig, weights: int, torch_peak: int, cuda_graphs: int) -> MemoryProfile:
-    free, total = torch.cuda.mem_get_info()
-    non_torch = max(0, (total - free) - torch.cuda.memory_reserved())
-    budget = int(total * config.gpu_memory_utilization) - torch_peak - non_torch - cuda_graphs
-    profile = MemoryProfile(total=total, weights=weights, activation_peak=torch_peak - weights, non_torch=non_torch,
-                            cuda_graphs=cuda_graphs, kv_budget=budget)
-    if budget <= 0:
+def check_kv_budget(config: EngineConfig, profile: MemoryProfile) -> MemoryProfile:
+    if profile.kv_budget <= 0:
         raise ConfigError(f"no memory left for the KV cache at gpu_memory_utilization="
                           f"{config.gpu_memory_utilization}: {profile.describe()}. Raise gpu_memory_utilization or "
                           "lower max_num_batched_tokens / max_num_seqs.")
     return profile
+
+
+def kv_cache_bytes(caches: list[tuple[torch.Tensor, torch.Tensor]]) -> int:
+    return sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in caches)
 
 
 def num_blocks_for(config: EngineConfig, kv_budget: int | None) -> int:

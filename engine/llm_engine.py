@@ -75,8 +75,10 @@ class LLMEngine:
         processed = self.processor.process(self.core.step())
         if processed.to_abort:
             self.core.abort(processed.to_abort)
-        return [self.processor.make_output(state) for state in processed.touched
-                if state.finished or state.params.output_kind != RequestOutputKind.FINAL_ONLY]
+        outputs = [self.processor.make_output(state) for state in processed.touched
+                   if state.finished or state.params.output_kind != RequestOutputKind.FINAL_ONLY]
+        self.core.step_timer.lap("frontend")
+        return outputs
 
     def shutdown(self) -> None:
         """Free the device memory; the engine cannot step afterwards."""

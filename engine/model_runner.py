@@ -1,5 +1,18 @@
-"""Turns a scheduled batch into flat tensors, runs the model (eager, or a captured CUDA graph for
-decode batches) and returns the logits of the sequences that sample a token this step."""
+"""Applies a step plan to the persistent batch, builds the step's inputs from its arrays, runs the
+model (eager, or a captured CUDA graph for pure decode steps) and launches the sampler.
+
+Inputs: every token's row and position come from the batch's per-row counts with numpy (np.repeat,
+fancy indexing), never a loop over tokens; they are written into fixed host buffers (pinned on
+CUDA) and copied to fixed device buffers, which are also the CUDA graphs' inputs, so a decode step
+replays its graph with no extra device copies. Rows of a graph's padding (past the batch) get slot
+-1 (their K/V is not stored) and context length 1. A token that the previous step sampled is still
+on the device: it is gathered from that step's output tensor into the input ids, on the device.
+
+The step is asynchronous: `execute_model` returns once the work is queued, with a PendingOutput
+whose `result()` waits for this step's sampled tokens only. One logits row per batch row (its last
+scheduled token): a row whose chunk stops short of its newest token samples nothing (its token is
+dropped), so the sampler always works on whole-batch slices of the per-row state.
+"""
 from __future__ import annotations
 
 import logging
@@ -10,23 +23,19 @@ import numpy as np
 import torch
 
 from engine.config import EngineConfig
-from engine.kv_cache import allocate_kv_cache, gpu_kv_budget, num_blocks_for
+from engine.input_batch import InputBatch, RequestState, apply_plan, host_array
 from engine.layers.attention import AttentionMetadata
-from engine.prompt_logprobs import PromptRows, TokenScores, score_prompt_rows, select_prompt_rows
-from engine.scheduler import ScheduledBatch
-from engine.sequence import Sequence
+from engine.messages import TokenLogprobs
+from engine.sampler import Sampler, SamplerOutput
+from engine.scheduler_output import (
+    ModelRunnerOutput,
+    NewRequestData,
+    RequestSampling,
+    SchedulerOutput,
+)
+from engine.step_timer import StepTimer
 
 log = logging.getLogger("engine")
-
-
-@dataclass
-class StepInputs:
-    input_ids: torch.Tensor
-    positions: torch.Tensor
-    meta: AttentionMetadata
-    logits_indices: torch.Tensor  # rows of the hidden states whose next token is sampled
-    sampled: list[Sequence]  # the sequences those rows belong to, in order
-    prompt_rows: list[PromptRows]  # rows that score prompt tokens (requests with prompt_logprobs)
 
 
 def graph_batch_sizes(max_num_seqs: int) -> list[int]:
@@ -34,22 +43,125 @@ def graph_batch_sizes(max_num_seqs: int) -> list[int]:
     return sorted({s for s in sizes if s <= max_num_seqs} | {max_num_seqs})
 
 
+class Staging:
+    """Named fields at fixed offsets of one host buffer (pinned on CUDA) and one device buffer:
+    each step writes the fields on the host and copies the used part of each to the device. On
+    CPU the two are one buffer."""
+
+    def __init__(self, sizes: dict[str, int], dtype: torch.dtype, device: torch.device):
+        self.offsets, total = {}, 0
+        for name, size in sizes.items():
+            self.offsets[name] = (total, size)
+            total += size
+        cuda = device.type == "cuda"
+        self._host, self.host_array = host_array((total,), dtype, pin_memory=cuda)
+        self._dev = torch.zeros(total, dtype=dtype, device=device) if cuda else self._host
+
+    def host(self, name: str, n: int) -> np.ndarray:
+        start, size = self.offsets[name]
+        assert n <= size, f"{name}: {n} entries, room for {size}"
+        return self.host_array[start:start + n]
+
+    def dev(self, name: str, n: int) -> torch.Tensor:
+        start, _ = self.offsets[name]
+        return self._dev[start:start + n]
+
+    def put(self, name: str, values: np.ndarray, pad_to: int = 0, pad_value: int = 0) -> None:
+        n = len(values)
+        view = self.host(name, max(n, pad_to))
+        view[:n] = values
+        view[n:] = pad_value
+        if self._dev is not self._host:
+            start, _ = self.offsets[name]
+            self._dev[start:start + len(view)].copy_(self._host[start:start + len(view)], non_blocking=True)
+
+
+@dataclass
+class StepInputs:
+    num_rows: int
+    num_tokens: int
+    num_decodes: int
+    input_ids: torch.Tensor
+    positions: torch.Tensor
+    meta: AttentionMetadata
+    logits_indices: torch.Tensor | None  # hidden rows to project; None: one per row already (decodes)
+    samples: np.ndarray  # [rows] bool: the rows whose chunk reaches their newest token
+    samples_dev: torch.Tensor | None  # the same on the device (None: every row samples)
+    blocked_rows: np.ndarray | None  # rows still short of min_tokens
+    blocked_flags: torch.Tensor | None
+    graph_size: int | None  # the CUDA graph that runs this step
+
+
+class PendingOutput:
+    """A step's sampled tokens (and logprobs) on their way to the host. The copy is queued behind the
+    step's device work, so the engine can launch the next step before it waits for them."""
+
+    def __init__(self, req_ids: list[str], samples: np.ndarray, out: SamplerOutput | None,
+                 num_logprobs: list[int | None] | None, timer: StepTimer):
+        self.req_ids = req_ids
+        self.samples = samples
+        self.num_logprobs = num_logprobs
+        self.timer = timer
+        self._ready = None
+        host = {} if out is None else {"tokens": out.tokens, **(out.logprobs or {})}
+        if out is not None and out.tokens.device.type == "cuda":
+            host = {k: torch.empty(v.shape, dtype=v.dtype, pin_memory=True).copy_(v, non_blocking=True)
+                    for k, v in host.items()}
+            self._ready = torch.cuda.Event()
+            self._ready.record()
+        self._host = host
+
+    def result(self) -> ModelRunnerOutput:
+        if self._ready is not None:
+            self._ready.synchronize()  # this step's copy only, not the work queued after it
+        self.timer.lap("wait")
+        if not self._host:
+            return ModelRunnerOutput([], [])
+        tokens = self._host["tokens"].tolist()
+        if self.samples.all():
+            sampled = [[t] for t in tokens]
+        else:
+            sampled = [[t] if s else [] for t, s in zip(tokens, self.samples.tolist())]
+        return ModelRunnerOutput(self.req_ids, sampled, self._logprobs(sampled))
+
+    def _logprobs(self, sampled: list[list[int]]) -> list[list[TokenLogprobs]] | None:
+        if "chosen" not in self._host:
+            return None
+        h = self._host
+        chosen, ranks = h["chosen"].tolist(), h["ranks"].tolist()
+        top_ids, top_vals = h["top_ids"].tolist(), h["top_vals"].tolist()
+        return [[TokenLogprobs(chosen[i], ranks[i], top_ids[i][:k], top_vals[i][:k])] if k is not None and tokens
+                else [] for i, (k, tokens) in enumerate(zip(self.num_logprobs, sampled))]
+
+
 class ModelRunner:
-    def __init__(self, config: EngineConfig, model: torch.nn.Module, device: torch.device):
+    def __init__(self, config: EngineConfig, model: torch.nn.Module, device: torch.device,
+                 timer: StepTimer | None = None):
         self.config = config
         self.model = model
         self.device = device
+        self.timer = timer or StepTimer()
         self.block_size = config.block_size
         self.max_blocks_per_seq = (config.max_model_len + self.block_size - 1) // self.block_size
+        self.vocab_size = config.hf_config.vocab_size
+        self.batch = InputBatch(config.max_num_seqs, config.max_model_len, self.max_blocks_per_seq, self.vocab_size,
+                                device)
+        self.requests: dict[str, RequestState] = {}  # every request the core has sent and not finished
+        self.sampler = Sampler(config.seed, device)
+        seqs, tokens = config.max_num_seqs, max(config.max_num_batched_tokens, config.max_num_seqs)
+        self.staging64 = Staging({"logits_indices": seqs, "gather_dst": seqs, "gather_src": seqs,
+                                  "input_ids": tokens, "positions": tokens, "slot_mapping": tokens},
+                                 torch.int64, device)
+        self.staging32 = Staging({"context_lens": seqs, "cu_seqlens": seqs + 1, "samples": seqs, "blocked": seqs},
+                                 torch.int32, device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.memory_profile = None
-        kv_budget = self._profile_kv_budget() if device.type == "cuda" else None
-        self.num_blocks = num_blocks_for(config, kv_budget)
-        self._bind_cache(allocate_kv_cache(config, self.num_blocks, device))
-        if device.type == "cuda" and not config.enforce_eager:
-            self._capture_graphs()
+        self.graph_hidden: torch.Tensor | None = None
+        self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._step = 0
+        self._prev_tokens: torch.Tensor | None = None  # the last step's sampled tokens, on the device
+        self._inputs_copied: torch.cuda.Event | None = None
 
-    def _bind_cache(self, caches: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    def bind_cache(self, caches: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
         """Point every attention layer at its cache tensors ([] unbinds them, so they can be freed)."""
         self.kv_caches = caches
         empty = torch.empty(0, device=self.device)
@@ -59,195 +171,207 @@ class ModelRunner:
     def release(self) -> None:
         """Drop the KV cache, the CUDA graphs and the weights, so the device memory can be reused in
         this process (by a baseline, say) even while something still refers to the engine."""
-        self._bind_cache([])
-        self.graphs, self.graph_bufs, self.graph_hidden = {}, None, None
+        self.bind_cache([])
+        self.graphs, self.graph_hidden, self._prev_tokens = {}, None, None
         self.model = None
+        self.batch = None
         if self.device.type == "cuda":
             torch.cuda.synchronize()
             torch.cuda.empty_cache()
 
-    # ---------------------------------------------------------------- inputs
-    def prepare(self, batch: ScheduledBatch, prev_tokens: torch.Tensor | None = None) -> StepInputs:
-        """Flatten the batch. `prev_tokens` holds the previous step's sampled tokens on the device:
-        decode rows whose newest token is still there (Sequence.pending_row) are fed from it."""
-        bs = self.block_size
-        decodes = batch.seqs[:batch.num_decode_seqs]
-        # The decode group (most rows of most steps) in flat comprehensions. A one-token row is
-        # usually a decode, but can be a one-token prompt chunk, which samples nothing.
-        positions = [seq.num_computed_tokens for seq in decodes]
-        input_ids = [seq.token_ids[p] for seq, p in zip(decodes, positions)]
-        slots = [seq.block_table[p // bs] * bs + p % bs for seq, p in zip(decodes, positions)]
-        context_lens = [p + 1 for p in positions]
-        logits_indices = [i for i, (seq, p) in enumerate(zip(decodes, positions)) if p + 1 == len(seq.token_ids)]
-        sampled = [decodes[i] for i in logits_indices]
-        pending_rows = [i for i, seq in enumerate(decodes) if seq.pending_row is not None]
-        pending_src = [decodes[i].pending_row for i in pending_rows]
-        cu_seqlens = list(range(len(decodes) + 1))
-        prompt_rows = [select_prompt_rows(seq, p, p + 1, i) for i, (seq, p) in enumerate(zip(decodes, positions))
-                       if seq.prompt_logprobs is not None]  # one-token prompt chunks
-        for seq, n in zip(batch.seqs[batch.num_decode_seqs:], batch.num_new_tokens[batch.num_decode_seqs:]):
-            start = seq.num_computed_tokens
-            end = start + n
-            if seq.prompt_logprobs is not None:
-                prompt_rows.append(select_prompt_rows(seq, start, end, cu_seqlens[-1]))
-            table = seq.block_table
-            input_ids.extend(seq.token_ids[start:end])
-            positions.extend(range(start, end))
-            slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
-            context_lens.append(end)
-            cu_seqlens.append(cu_seqlens[-1] + n)
-            if end == len(seq):  # this chunk reaches the newest token: sample the next one
-                logits_indices.append(cu_seqlens[-1] - 1)
-                sampled.append(seq)
-        fields = [input_ids, positions, slots, context_lens, cu_seqlens, logits_indices, pending_rows, pending_src]
-        ids, pos, slot_t, ctx, cu, logit_idx, rows, src, tables = self._upload(fields, batch.seqs)
-        if rows.numel():
-            if prev_tokens is None:
-                raise RuntimeError("a sequence waits for a device token, but no previous step was given")
-            ids[rows] = prev_tokens[src]
-        meta = AttentionMetadata(
-            slot_mapping=slot_t, block_tables=tables, context_lens=ctx.to(torch.int32),
-            cu_seqlens_q=cu.to(torch.int32), num_decode_seqs=batch.num_decode_seqs,
-            max_query_len=max(batch.num_new_tokens), max_context_len=max(context_lens))
-        return StepInputs(ids, pos, meta, logit_idx, sampled, [r for r in prompt_rows if r is not None])
-
-    def _upload(self, fields: list[list[int]], seqs: list[Sequence]) -> list[torch.Tensor]:
-        """One host buffer (pinned on CUDA) and one asynchronous copy for all of the step's
-        integer inputs, so that preparing a step never waits for the device to drain."""
-        sizes = [len(f) for f in fields]
-        n_flat = sum(sizes)
-        width = max(len(seq.block_table) for seq in seqs)
-        flat = np.zeros(n_flat + len(seqs) * width, dtype=np.int64)
-        flat[:n_flat] = [x for f in fields for x in f]
-        tables = flat[n_flat:].reshape(len(seqs), width)
-        for row, seq in zip(tables, seqs):
-            row[:len(seq.block_table)] = seq.block_table
-        buf = torch.from_numpy(flat)
-        if self.device.type == "cuda":
-            buf = buf.pin_memory().to(self.device, non_blocking=True)
-        return list(buf[:n_flat].split(sizes)) + [buf[n_flat:].view(len(seqs), width).to(torch.int32)]
-
-    # ---------------------------------------------------------------- run
+    # ---------------------------------------------------------------- the step
     @torch.inference_mode()
-    def run(self, batch: ScheduledBatch, prev_tokens: torch.Tensor | None = None
-            ) -> tuple[StepInputs, torch.Tensor, TokenScores | None]:
-        """The step's inputs, the logits of its sampled rows, and the scores of its prompt rows (None
-        when no request asked for prompt logprobs)."""
-        inputs = self.prepare(batch, prev_tokens)
-        num_seqs = len(batch.seqs)
-        if self.graphs and batch.num_decode_seqs == num_seqs and num_seqs <= max(self.graphs):
-            hidden = self._replay(inputs, num_seqs)
+    def execute_model(self, plan: SchedulerOutput) -> PendingOutput:
+        inputs, logits = self.forward_step(plan)
+        if inputs is None:
+            return PendingOutput([], np.zeros(0, dtype=bool), None, None, self.timer)
+        batch, rows = self.batch, inputs.num_rows
+        meta = batch.sampling.metadata(rows, inputs.samples, inputs.blocked_flags, inputs.blocked_rows)
+        out = self.sampler(logits, meta)
+        batch.sampling.record_sampled(out.tokens, rows, inputs.samples_dev)
+        batch.mark_sampled(self._step, inputs.samples)
+        self._prev_tokens = out.tokens
+        num_logprobs = [r.logprobs for r in batch.sampling.requests[:rows]] if out.logprobs is not None else None
+        pending = PendingOutput(batch.req_ids[:rows], inputs.samples, out, num_logprobs, self.timer)
+        self.timer.lap("sample")
+        return pending
+
+    @torch.inference_mode()
+    def forward_step(self, plan: SchedulerOutput) -> tuple[StepInputs | None, torch.Tensor | None]:
+        """Apply the plan, build the inputs, run the model: (inputs, one logits row per batch row).
+        (None, None) when no request is scheduled."""
+        self._wait_for_input_copies()
+        self._step += 1
+        self.update_states(plan)
+        if self.batch.num_rows == 0:
+            self._prev_tokens = None
+            self.timer.lap("prepare")
+            return None, None
+        inputs = self.prepare()
+        self.timer.lap("prepare")
+        if inputs.graph_size is not None:
+            self.graphs[inputs.graph_size].replay()
+            hidden = self.graph_hidden[:inputs.num_rows]
         else:
             hidden = self.model(inputs.input_ids, inputs.positions, inputs.meta)
-        logits = self.model.compute_logits(hidden[inputs.logits_indices])
-        prompt_scores = None
-        if inputs.prompt_rows:
-            prompt_scores = score_prompt_rows(self.model.compute_logits, hidden, inputs.prompt_rows,
-                                              self.config.hf_config.vocab_size)
-        return inputs, logits, prompt_scores
+        if inputs.logits_indices is not None:
+            hidden = hidden[inputs.logits_indices]
+        logits = self.model.compute_logits(hidden)
+        self.timer.lap("forward")
+        return inputs, logits
+
+    def _wait_for_input_copies(self) -> None:
+        """The host buffers of the previous step's input copies are rewritten now: wait until those
+        copies ran (they precede that step's compute on the stream, so this rarely waits at all)."""
+        if self._inputs_copied is not None:
+            self._inputs_copied.synchronize()
+            self._inputs_copied = None
+
+    # ---------------------------------------------------------------- the plan -> the batch
+    def update_states(self, plan: SchedulerOutput) -> None:
+        self._num_decodes = apply_plan(self.batch, self.requests, plan, self.device)
+
+    # ---------------------------------------------------------------- inputs
+    def prepare(self) -> StepInputs:
+        batch, bs = self.batch, self.block_size
+        rows = batch.num_rows
+        n = batch.num_scheduled_tokens[:rows].astype(np.int64)
+        start = batch.num_computed_tokens[:rows].astype(np.int64)
+        num_tokens = int(n.sum())
+        cu = np.zeros(rows + 1, dtype=np.int64)
+        np.cumsum(n, out=cu[1:])
+        if num_tokens == rows:  # every row feeds one token: the decode step, most steps
+            tok_row, tok_pos = np.arange(rows), start
+        else:
+            tok_row = np.repeat(np.arange(rows), n)
+            tok_pos = np.arange(num_tokens) - np.repeat(cu[:-1] - start, n)
+        pending = (batch.pending_step[tok_row] == self._step - 1) & (tok_pos == batch.pending_pos[tok_row])
+        if ((tok_pos >= batch.num_host_tokens[tok_row]) & ~pending).any():
+            raise RuntimeError("a scheduled token is neither on the host nor in the previous step's output")
+        gather_dst = np.flatnonzero(pending)
+        ctx = start + n
+        samples = ctx >= batch.num_tokens[:rows]
+        graph = self._graph_size(rows, num_tokens)
+        padded_tokens, padded_rows = (graph, graph) if graph else (num_tokens, rows)
+
+        s64, s32 = self.staging64, self.staging32
+        s64.put("input_ids", batch.token_ids[tok_row, tok_pos], pad_to=padded_tokens)
+        s64.put("positions", tok_pos, pad_to=padded_tokens)
+        s64.put("slot_mapping", batch.block_table.host[tok_row, tok_pos // bs].astype(np.int64) * bs + tok_pos % bs,
+                pad_to=padded_tokens, pad_value=-1)
+        s32.put("context_lens", ctx, pad_to=padded_rows, pad_value=1)
+        s32.put("cu_seqlens", cu if not graph else np.arange(padded_rows + 1))
+        if num_tokens != rows:
+            s64.put("logits_indices", cu[1:] - 1)
+        if len(gather_dst):
+            s64.put("gather_dst", gather_dst)
+            s64.put("gather_src", batch.pending_index[tok_row[gather_dst]])
+        all_sample = bool(samples.all())
+        if not all_sample:
+            s32.put("samples", samples)
+        blocked = batch.sampling.blocked_rows(batch.num_tokens[:rows] - batch.num_prompt_tokens[:rows])
+        if blocked is not None:
+            flags = np.zeros(rows, dtype=np.int32)
+            flags[blocked] = 1
+            s32.put("blocked", flags)
+        batch.block_table.commit(rows)
+        batch.sampling.commit(rows)
+        if self.device.type == "cuda":
+            self._inputs_copied = torch.cuda.Event()
+            self._inputs_copied.record()
+
+        input_ids = s64.dev("input_ids", padded_tokens)
+        if len(gather_dst):
+            if self._prev_tokens is None:
+                raise RuntimeError("a row waits for a token of the previous step, but it sampled nothing")
+            src = s64.dev("gather_src", len(gather_dst))
+            input_ids[s64.dev("gather_dst", len(gather_dst))] = self._prev_tokens[src]
+        meta = AttentionMetadata(
+            slot_mapping=s64.dev("slot_mapping", num_tokens), block_tables=batch.block_table.device_table[:rows],
+            context_lens=s32.dev("context_lens", rows), cu_seqlens_q=s32.dev("cu_seqlens", rows + 1),
+            num_decode_seqs=self._num_decodes, max_query_len=int(n.max()), max_context_len=int(ctx.max()))
+        return StepInputs(
+            rows, num_tokens, self._num_decodes, input_ids[:num_tokens], s64.dev("positions", num_tokens), meta,
+            None if num_tokens == rows else s64.dev("logits_indices", rows), samples,
+            None if all_sample else s32.dev("samples", rows), blocked,
+            None if blocked is None else s32.dev("blocked", rows), graph)
+
+    def _graph_size(self, rows: int, num_tokens: int) -> int | None:
+        if not self.graphs or num_tokens != rows or self._num_decodes != rows or rows > max(self.graphs):
+            return None
+        return min(s for s in self.graphs if s >= rows)
 
     # ---------------------------------------------------------------- CUDA graphs
-    def _graph_buffers(self, max_bs: int) -> dict[str, torch.Tensor]:
-        d = self.device
-        return {"input_ids": torch.zeros(max_bs, dtype=torch.int64, device=d),
-                "positions": torch.zeros(max_bs, dtype=torch.int64, device=d),
-                "slot_mapping": torch.full((max_bs,), -1, dtype=torch.int64, device=d),
-                "block_tables": torch.zeros(max_bs, self.max_blocks_per_seq, dtype=torch.int32, device=d),
-                "context_lens": torch.ones(max_bs, dtype=torch.int32, device=d),
-                "cu_seqlens_q": torch.arange(max_bs + 1, dtype=torch.int32, device=d)}
+    def _graph_meta(self, bs: int) -> AttentionMetadata:
+        s64, s32 = self.staging64, self.staging32
+        return AttentionMetadata(
+            slot_mapping=s64.dev("slot_mapping", bs), block_tables=self.batch.block_table.device_table[:bs],
+            context_lens=s32.dev("context_lens", bs), cu_seqlens_q=s32.dev("cu_seqlens", bs + 1),
+            num_decode_seqs=bs, max_query_len=1, max_context_len=self.config.max_model_len)
 
-    def _graph_meta(self, bufs: dict, bs: int) -> AttentionMetadata:
-        return AttentionMetadata(slot_mapping=bufs["slot_mapping"][:bs], block_tables=bufs["block_tables"][:bs],
-                                 context_lens=bufs["context_lens"][:bs], cu_seqlens_q=bufs["cu_seqlens_q"][:bs + 1],
-                                 num_decode_seqs=bs, max_query_len=1, max_context_len=self.config.max_model_len)
+    def _graph_inputs(self, bs: int) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+        """The captured step reads its inputs from the fixed device buffers; fill them with a valid
+        padding batch (slot -1: nothing stored; context 1: block 0 of an all-zero table row)."""
+        s64, s32 = self.staging64, self.staging32
+        for name, value in (("input_ids", 0), ("positions", 0), ("slot_mapping", -1)):
+            s64.dev(name, bs).fill_(value)
+        s32.dev("context_lens", bs).fill_(1)
+        s32.dev("cu_seqlens", bs + 1).copy_(torch.arange(bs + 1, dtype=torch.int32, device=self.device))
+        return s64.dev("input_ids", bs), s64.dev("positions", bs), self._graph_meta(bs)
 
     @torch.inference_mode()
-    def _capture(self, sizes: list[int], bufs: dict) -> tuple[dict, torch.Tensor]:
-        graphs, pool = {}, None
-        hidden_out = torch.zeros(max(sizes), self.config.hf_config.hidden_size, dtype=self.config.torch_dtype,
-                                 device=self.device)
-        for bs in sorted(sizes, reverse=True):  # largest first, so smaller graphs reuse its memory pool
-            meta = self._graph_meta(bufs, bs)
-            args = (bufs["input_ids"][:bs], bufs["positions"][:bs], meta)
-            hidden_out[:bs] = self.model(*args)  # warm-up: compiles and autotunes outside the capture
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                hidden_out[:bs] = self.model(*args)
-            pool = graph.pool()
-            graphs[bs] = graph
+    def warm_up_graph(self, bs: int) -> None:
+        """One eager run of a decode batch of `bs`, outside any capture (compiles and autotunes)."""
+        self.model(*self._graph_inputs(bs))
         torch.cuda.synchronize()
-        return graphs, hidden_out
 
-    def _capture_graphs(self) -> None:
+    @torch.inference_mode()
+    def capture_graph(self, bs: int, pool=None) -> torch.cuda.CUDAGraph:
+        if self.graph_hidden is None or self.graph_hidden.shape[0] < bs:
+            self.graph_hidden = torch.zeros(bs, self.config.hf_config.hidden_size, dtype=self.config.torch_dtype,
+                                            device=self.device)
+        args = self._graph_inputs(bs)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool):
+            self.graph_hidden[:bs] = self.model(*args)
+        return graph
+
+    def capture_graphs(self) -> None:
         start = time.perf_counter()
-        sizes = graph_batch_sizes(self.config.max_num_seqs)
-        self.graph_bufs = self._graph_buffers(max(sizes))
-        self.graphs, self.graph_hidden = self._capture(sizes, self.graph_bufs)
-        log.info("captured %d CUDA graphs for decode batch sizes %s..%s in %.1f s", len(sizes), sizes[0], sizes[-1],
+        sizes = sorted(graph_batch_sizes(self.config.max_num_seqs), reverse=True)
+        self.graph_hidden = None
+        graphs, pool = {}, None
+        for bs in sizes:  # largest first, so smaller graphs reuse its memory pool
+            self.warm_up_graph(bs)
+            graphs[bs] = self.capture_graph(bs, pool)
+            pool = graphs[bs].pool()
+        torch.cuda.synchronize()
+        self.graphs = graphs
+        log.info("captured %d CUDA graphs for decode batch sizes %s..%s in %.1f s", len(sizes), sizes[-1], sizes[0],
                  time.perf_counter() - start)
 
-    def _replay(self, inputs: StepInputs, num_seqs: int) -> torch.Tensor:
-        bs = min(s for s in self.graphs if s >= num_seqs)
-        bufs, meta = self.graph_bufs, inputs.meta
-        bufs["input_ids"][:num_seqs] = inputs.input_ids
-        bufs["positions"][:num_seqs] = inputs.positions
-        bufs["slot_mapping"][:num_seqs] = meta.slot_mapping
-        bufs["slot_mapping"][num_seqs:bs] = -1
-        bufs["context_lens"][:num_seqs] = meta.context_lens
-        bufs["context_lens"][num_seqs:bs] = 1
-        bufs["block_tables"][:num_seqs, :meta.block_tables.shape[1]] = meta.block_tables
-        self.graphs[bs].replay()
-        return self.graph_hidden[:num_seqs]
-
-    # ---------------------------------------------------------------- memory profiling (GPU)
-    @torch.inference_mode()
-    def _profile_kv_budget(self) -> int:
-        """Run the largest step the scheduler can produce against a small scratch cache, measure the
-        peak, trial-capture the largest decode graph, and return the bytes left for the KV cache."""
+    # ---------------------------------------------------------------- memory profiling
+    def profile_plan(self, first_block: int = 0) -> tuple[SchedulerOutput, int]:
+        """The largest step the scheduler can produce, as a plan: max_num_batched_tokens prompt tokens
+        over as many requests as may run, each sampling with every option that costs memory (top-k,
+        top-p, min-p, penalties, logprobs). Returns it with the number of KV blocks it needs."""
         cfg = self.config
-        torch.cuda.synchronize()
-        torch.cuda.empty_cache()
-        weights = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
         tokens = cfg.max_num_batched_tokens
         num_seqs = max(1, min(cfg.max_num_seqs, tokens))
-        per_seq = [tokens // num_seqs + (1 if i < tokens % num_seqs else 0) for i in range(num_seqs)]
-        per_seq = [min(n, cfg.max_model_len) for n in per_seq]
-        blocks = [(n + self.block_size - 1) // self.block_size for n in per_seq]
-        self._bind_cache(allocate_kv_cache(cfg, sum(blocks), self.device))
-        tables, slots, first = [], [], 0
-        for n, b in zip(per_seq, blocks):
-            table = list(range(first, first + b))
-            tables.append(table + [0] * (max(blocks) - b))
-            slots.extend(table[p // self.block_size] * self.block_size + p % self.block_size for p in range(n))
-            first += b
-        cu = [0]
-        for n in per_seq:
-            cu.append(cu[-1] + n)
-        meta = AttentionMetadata(
-            slot_mapping=torch.tensor(slots, device=self.device), block_tables=torch.tensor(tables, dtype=torch.int32,
-                                                                                           device=self.device),
-            context_lens=torch.tensor(per_seq, dtype=torch.int32, device=self.device),
-            cu_seqlens_q=torch.tensor(cu, dtype=torch.int32, device=self.device), num_decode_seqs=0,
-            max_query_len=max(per_seq), max_context_len=max(per_seq))
-        n_tok = sum(per_seq)
-        positions = torch.cat([torch.arange(n, device=self.device) for n in per_seq])
-        input_ids = torch.zeros(n_tok, dtype=torch.int64, device=self.device)
-        hidden = self.model(input_ids, positions, meta)
-        logits = self.model.compute_logits(hidden[torch.tensor(cu[1:], device=self.device) - 1])
-        torch.softmax(logits, dim=-1)  # the sampler's largest temporary
-        del hidden, logits
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated()
-        graph_bytes = 0
-        if not cfg.enforce_eager:
-            before = torch.cuda.memory_reserved()
-            bufs = self._graph_buffers(cfg.max_num_seqs)
-            graphs, out = self._capture([cfg.max_num_seqs], bufs)
-            graph_bytes = torch.cuda.memory_reserved() - before
-            del graphs, out, bufs
-        self._bind_cache([])
-        torch.cuda.empty_cache()
-        self.memory_profile = gpu_kv_budget(cfg, weights, peak, graph_bytes)
-        log.info("memory profile: %s", self.memory_profile.describe())
-        return self.memory_profile.kv_budget
+        per_seq = [min(tokens // num_seqs + (1 if i < tokens % num_seqs else 0), cfg.max_model_len - 1)
+                   for i in range(num_seqs)]
+        sampling = RequestSampling(temperature=1.0, top_p=0.9, top_k=50, min_p=0.05, presence_penalty=0.1,
+                                   frequency_penalty=0.1, repetition_penalty=1.1, logprobs=cfg.max_logprobs)
+        new, block = [], first_block
+        for i, n in enumerate(per_seq):
+            num_blocks = (n + self.block_size - 1) // self.block_size
+            new.append(NewRequestData(f"profile-{i}", [0] * n, sampling, list(range(block, block + num_blocks)), 0, n))
+            block += num_blocks
+        return SchedulerOutput(new_requests=new, total_num_scheduled_tokens=sum(per_seq)), block - first_block
+
+    def run_profile_plan(self, plan: SchedulerOutput) -> None:
+        """Run the plan through the real path (plan -> batch -> inputs -> forward -> sampler), then
+        forget its requests."""
+        self.execute_model(plan).result()
+        self.execute_model(SchedulerOutput(finished_req_ids=[r.req_id for r in plan.new_requests])).result()
+        self.timer.reset()

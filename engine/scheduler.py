@@ -1,9 +1,16 @@
-"""Continuous batching with a per-step token budget, chunked prefill and preemption by recompute.
+"""Continuous batching with a per-step token budget, chunked prefill and preemption by recompute,
+and the plain-data step plan (engine/scheduler_output.py) that the workers apply.
 
 Each step: running sequences first (decodes and unfinished prefill chunks, oldest first), then
 newly admitted ones while the token budget (`max_num_batched_tokens`), the sequence cap
 (`max_num_seqs`) and free KV blocks allow. When blocks run out, the newest running sequence is
 preempted: its blocks are freed and it goes back to the head of the queue to be recomputed.
+
+The scheduler owns the progress of every request: it advances `num_computed_tokens` (and counts
+the token a step will sample) as it schedules, from the same numbers it sends to the workers, so
+nothing else needs to write them (engine/sequence.py). A running sequence whose one remaining token
+is its last (max_tokens or max_model_len reached once that token arrives) is not scheduled again:
+its length stop is certain, and computing it would waste a row.
 """
 from __future__ import annotations
 
@@ -13,20 +20,36 @@ from dataclasses import dataclass, field
 
 from engine.block_manager import BlockManager
 from engine.config import EngineConfig
-from engine.sequence import Sequence, SequenceStatus
+from engine.scheduler_output import (
+    NewRequestData,
+    ResumedRequestData,
+    SchedulerOutput,
+)
+from engine.sequence import (
+    Sequence,
+    SequenceStatus,
+    advance,
+    reset_progress,
+    set_prefix_hit,
+)
 
 
 @dataclass
-class ScheduledBatch:
-    """One step's work. Sequences that feed exactly one token come first (the decode group)."""
-    seqs: list[Sequence]
+class ScheduledStep:
+    """One step's work: the plan for the workers and, for the core, the sequences it covers."""
+    plan: SchedulerOutput
+    seqs: list[Sequence]  # in plan order: new, resumed, cached
     num_new_tokens: list[int]
-    num_decode_seqs: int
     preempted: list[Sequence] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:
-        return sum(self.num_new_tokens)
+        return self.plan.total_num_scheduled_tokens
+
+    @property
+    def has_removals(self) -> bool:
+        p = self.plan
+        return bool(p.finished_req_ids or p.preempted_req_ids or p.unscheduled_req_ids)
 
     def __bool__(self) -> bool:
         return bool(self.seqs)
@@ -41,6 +64,9 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        # Rows the workers must drop, told with the next plan (again, if a plan failed to arrive).
+        self._finished_ids: list[str] = []
+        self._carried = SchedulerOutput()
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -48,7 +74,7 @@ class Scheduler:
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def schedule(self) -> ScheduledBatch:
+    def schedule(self) -> ScheduledStep:
         budget = self.max_num_batched_tokens
         scheduled: dict[Sequence, int] = {}  # keyed by identity: cheaper than building an id each step
         preempted: list[Sequence] = []
@@ -56,6 +82,8 @@ class Scheduler:
         for seq in list(self.running):
             if seq.status != SequenceStatus.RUNNING:
                 continue  # preempted earlier in this loop
+            if seq.num_tokens >= seq.max_num_tokens:
+                continue  # its one uncomputed token is its last: nothing left to compute
             num_new = min(seq.num_uncomputed_tokens, budget)
             if num_new == 0:
                 continue
@@ -71,8 +99,8 @@ class Scheduler:
             scheduled[seq] = num_new
             budget -= num_new
         if not preempted:  # as vLLM: admit nothing new in a step that had to preempt
-            budget = self._admit_waiting(budget, scheduled)
-        return self._batch(scheduled, preempted)
+            self._admit_waiting(budget, scheduled)
+        return self._plan(scheduled, preempted)
 
     def _make_room(self, seq: Sequence, num_new: int, scheduled: dict, preempted: list) -> bool:
         """Preempt the newest running sequences until `seq` can get its blocks. False if `seq` itself
@@ -86,13 +114,14 @@ class Scheduler:
                 return False
         return True
 
-    def _admit_waiting(self, budget: int, scheduled: dict) -> int:
+    def _admit_waiting(self, budget: int, scheduled: dict) -> None:
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
-            # A request scoring its prompt needs every prompt row computed: it does not read the prefix
-            # cache (as vLLM v1; engine/prompt_logprobs.py).
-            if not seq.block_table and seq.num_computed_tokens == 0 and seq.prompt_logprobs is None:
+            if seq.num_pending_tokens:
+                break  # preempted with a token in flight: it comes back once that token is known
+            if not seq.block_table and seq.num_computed_tokens == 0:
                 cached = self.block_manager.match_prefix(seq)
+                set_prefix_hit(seq, cached)
                 if seq.first_scheduled_time is None:
                     seq.num_cached_tokens = cached
             num_new = seq.num_uncomputed_tokens
@@ -112,32 +141,70 @@ class Scheduler:
             self.running.append(seq)
             scheduled[seq] = num_new
             budget -= num_new
-        return budget
 
     def _release_prefix(self, seq: Sequence) -> None:
         """Undo a prefix match for a sequence that stays waiting, so its blocks stay evictable."""
         if seq.block_table:
             self.block_manager.free(seq)
-            seq.num_computed_tokens = 0
+            reset_progress(seq)
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
         self.block_manager.free(seq)
-        seq.reset_for_recompute()
+        reset_progress(seq)
+        seq.status = SequenceStatus.WAITING
+        seq.num_preemptions += 1
+        seq.was_preempted = True
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
 
-    def _batch(self, scheduled: dict, preempted: list) -> ScheduledBatch:
-        decodes, prefills = [], []
-        for seq in self.running:  # running order: oldest first within each group
-            n = scheduled.get(seq)
-            if n == 1:
-                decodes.append(seq)
-            elif n:
-                prefills.append(seq)
-        return ScheduledBatch(seqs=decodes + prefills,
-                              num_new_tokens=[1] * len(decodes) + [scheduled[s] for s in prefills],
-                              num_decode_seqs=len(decodes), preempted=preempted)
+    # ---------------------------------------------------------------- the plan
+    def _plan(self, scheduled: dict[Sequence, int], preempted: list[Sequence]) -> ScheduledStep:
+        """The plain-data plan for the workers, then the progress it implies (the one place that
+        advances num_computed_tokens)."""
+        plan, self._carried = self._carried, SchedulerOutput()
+        cached = plan.cached_requests
+        seqs: list[Sequence] = []
+        for seq in preempted:
+            if seq.in_batch:
+                plan.preempted_req_ids.append(seq.request_id)
+                seq.in_batch = False
+        for seq in self.running:
+            if seq.in_batch and seq not in scheduled:
+                plan.unscheduled_req_ids.append(seq.request_id)
+                seq.in_batch = False
+        for seq, n in scheduled.items():
+            if not seq.known_to_workers:
+                plan.new_requests.append(NewRequestData(
+                    seq.request_id, seq.token_ids[:seq.num_prompt_tokens], seq.sampling, list(seq.block_table),
+                    seq.num_computed_tokens, n, seq.lora_id))
+                seq.known_to_workers = True
+            elif not seq.in_batch:
+                plan.resumed_requests.append(ResumedRequestData(
+                    seq.request_id, list(seq.block_table), seq.num_computed_tokens, n, seq.output_token_ids,
+                    seq.was_preempted))
+                seq.was_preempted = False
+            else:
+                cached.req_ids.append(seq.request_id)
+                cached.num_computed_tokens.append(seq.num_computed_tokens)
+                cached.num_scheduled_tokens.append(n)
+                if len(seq.block_table) > seq.num_blocks_sent:
+                    cached.new_block_ids[seq.request_id] = seq.block_table[seq.num_blocks_sent:]
+            seq.in_batch = True
+            seq.num_blocks_sent = len(seq.block_table)
+            seqs.append(seq)
+            advance(seq, n)
+        plan.finished_req_ids += self._finished_ids
+        self._finished_ids = []
+        plan.total_num_scheduled_tokens = sum(scheduled.values())
+        return ScheduledStep(plan, seqs, list(scheduled.values()), preempted)
+
+    def plan_failed(self, plan: SchedulerOutput) -> None:
+        """A plan that may not have reached the workers: its removals go with the next one (dropping
+        a row twice is harmless; missing a drop is not)."""
+        self._carried.finished_req_ids += plan.finished_req_ids
+        self._carried.preempted_req_ids += plan.preempted_req_ids
+        self._carried.unscheduled_req_ids += plan.unscheduled_req_ids
 
     def finish(self, seq: Sequence, reason: str) -> None:
         """Mark `seq` finished (or aborted) and free its blocks, wherever it is."""
@@ -148,3 +215,6 @@ class Scheduler:
         self.block_manager.free(seq)
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = seq.finish_reason or reason
+        if seq.known_to_workers:
+            self._finished_ids.append(seq.request_id)
+            seq.known_to_workers = seq.in_batch = False

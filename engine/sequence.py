@@ -1,11 +1,19 @@
-"""A Sequence is one sample being generated: its tokens, its KV blocks and its progress."""
+"""A Sequence is the core's record of one request being generated: its tokens, its KV blocks and
+its progress.
+
+One owner per piece of state. The scheduler (engine/scheduler.py) alone advances the progress
+counters, `num_computed_tokens` and `num_tokens`, when it schedules a step: they are read-only
+properties here, and only `advance`, `reset_progress` and `set_prefix_hit` (called by the
+scheduler) write them. Output handling (engine/output_handler.py) alone appends to `token_ids`.
+The two meet through the one-step overlap: a token the scheduler has scheduled to be sampled, but
+whose value is still on the device, is counted in `num_tokens` and not yet in `token_ids`.
+"""
 from __future__ import annotations
 
 from enum import Enum, auto
 
-import torch
-
 from engine.sampling_params import SamplingParams
+from engine.scheduler_output import RequestSampling
 
 
 class SequenceStatus(Enum):
@@ -15,36 +23,57 @@ class SequenceStatus(Enum):
 
 
 class Sequence:
-    """Tokens are prompt + output. `num_computed_tokens` of them have their K/V in the cache;
-    the scheduler feeds the rest (a prefill chunk, or the one newest token when decoding)."""
+    """Tokens are prompt + output. `num_computed_tokens` of them have their K/V in the cache (or
+    will, once the step in flight ends); the scheduler feeds the rest (a prefill chunk, or the newest
+    token when decoding)."""
 
-    def __init__(self, request_id: str, index: int, prompt_token_ids: list[int], params: SamplingParams,
-                 arrival_time: float, generator: torch.Generator | None):
+    def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                 sampling: RequestSampling, arrival_time: float, max_num_tokens: int,
+                 stop_ids: frozenset[int] = frozenset(), lora_id: int = 0):
         self.request_id = request_id
-        self.index = index  # which of the request's n samples
-        self.seq_id = (request_id, index)
-        self.token_ids = list(prompt_token_ids)
+        self.token_ids = list(prompt_token_ids)  # known to the host; appended by output handling only
         self.num_prompt_tokens = len(prompt_token_ids)
         self.params = params
+        self.sampling = sampling  # what the workers apply (engine/scheduler_output.py)
         self.arrival_time = arrival_time
-        self.generator = generator
+        self.max_num_tokens = max_num_tokens  # prompt + max_tokens, capped at max_model_len
+        self.stop_ids = stop_ids  # EOS (unless ignore_eos) and stop_token_ids
+        self.lora_id = lora_id
         self.client_index = 0  # the API process that receives its outputs
         self.status = SequenceStatus.WAITING
         self.block_table: list[int] = []
         self.block_hashes: list[int] = []  # prefix-cache hash chain of its full, computed blocks
-        self.num_computed_tokens = 0
-        self.pending_row: int | None = None  # newest token still on the device: its row there
         self.num_cached_tokens = 0  # prompt tokens served by the prefix cache at first admission
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None
         self.first_scheduled_time: float | None = None
-        self.first_token_time: float | None = None
         self.num_preemptions = 0
-        # Scored prompt tokens (positions 1, 2, ...), filled step by step (engine/prompt_logprobs.py).
-        self.prompt_logprobs: list | None = [] if params.prompt_logprobs is not None else None
+        # Progress: written by the scheduler only (see the module docstring).
+        self._num_computed_tokens = 0
+        self._num_tokens = len(prompt_token_ids)
+        # What the workers know of it (the scheduler's, for building step plans).
+        self.known_to_workers = False
+        self.in_batch = False  # a row in the workers' persistent batch since the last step
+        self.num_blocks_sent = 0
+        self.was_preempted = False  # since it last had a row
 
-    def __len__(self) -> int:
-        return len(self.token_ids)
+    # ---------------------------------------------------------------- progress (read-only)
+    @property
+    def num_computed_tokens(self) -> int:
+        return self._num_computed_tokens
+
+    @property
+    def num_tokens(self) -> int:
+        """Prompt + output tokens, counting a sampled token still on its way from the device."""
+        return self._num_tokens
+
+    @property
+    def num_pending_tokens(self) -> int:
+        return self._num_tokens - len(self.token_ids)
+
+    @property
+    def num_uncomputed_tokens(self) -> int:
+        return self._num_tokens - self._num_computed_tokens
 
     @property
     def output_token_ids(self) -> list[int]:
@@ -55,21 +84,26 @@ class Sequence:
         return len(self.token_ids) - self.num_prompt_tokens
 
     @property
-    def num_uncomputed_tokens(self) -> int:
-        return len(self.token_ids) - self.num_computed_tokens
-
-    @property
     def is_finished(self) -> bool:
         return self.status == SequenceStatus.FINISHED
 
-    def append_token(self, token_id: int) -> None:
-        self.token_ids.append(token_id)
 
-    def reset_for_recompute(self) -> None:
-        """Preemption by recompute: drop the KV (the caller frees the blocks) and start over from
-        the tokens already known, prompt and output alike."""
-        self.block_table = []
-        self.block_hashes = []
-        self.num_computed_tokens = 0
-        self.status = SequenceStatus.WAITING
-        self.num_preemptions += 1
+# The progress writers. They are functions of this module, not methods, so that nothing reaches
+# them by accident through a Sequence; engine/scheduler.py is their one caller.
+def advance(seq: Sequence, num_new_tokens: int) -> bool:
+    """A step computes `num_new_tokens` more of `seq`; True when that reaches its newest token, so the
+    step samples one more (counted in num_tokens from now on, while its value is on the device)."""
+    seq._num_computed_tokens += num_new_tokens
+    if seq._num_computed_tokens == seq._num_tokens:
+        seq._num_tokens += 1
+        return True
+    return False
+
+
+def set_prefix_hit(seq: Sequence, num_cached: int) -> None:
+    seq._num_computed_tokens = num_cached
+
+
+def reset_progress(seq: Sequence) -> None:
+    """Preemption by recompute: nothing is in the cache any more; the known tokens stay."""
+    seq._num_computed_tokens = 0

@@ -7,11 +7,25 @@ from engine.block_manager import BlockManager
 from engine.config import EngineConfig
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
+from engine.scheduler_output import RequestSampling
 from engine.sequence import Sequence, SequenceStatus
 
 
 def make_seq(i, tokens, max_tokens=5):
-    return Sequence(str(i), 0, tokens, SamplingParams(max_tokens=max_tokens), 0.0, None)
+    return Sequence(str(i), tokens, SamplingParams(max_tokens=max_tokens), RequestSampling(), 0.0,
+                    max_num_tokens=len(tokens) + max_tokens)
+
+
+def sample_and_stop(sched, step, token):
+    """What output handling does with a step: each sequence that sampled gets `token`; length stops."""
+    finished = []
+    for seq in step.seqs:
+        if seq.num_pending_tokens:
+            seq.token_ids.append(token() if callable(token) else token)
+            if len(seq.token_ids) >= seq.max_num_tokens:
+                sched.finish(seq, "length")
+                finished.append(seq)
+    return finished
 
 
 class FakeConfig:
@@ -25,8 +39,8 @@ def test_prefix_hits_counted_exactly():
     bm = BlockManager(num_blocks=16, block_size=4, enable_prefix_caching=True)
     a = make_seq(0, list(range(100, 111)))  # 11 tokens: 2 full blocks + 3
     assert bm.match_prefix(a) == 0
-    bm.allocate(a, len(a))
-    bm.register_full_blocks(a, len(a))
+    bm.allocate(a, len(a.token_ids))
+    bm.register_full_blocks(a, len(a.token_ids))
     b = make_seq(1, list(range(100, 108)) + [7, 7, 7])  # shares the 2 full blocks
     assert bm.match_prefix(b) == 8
     assert b.block_table == a.block_table[:2]
@@ -46,8 +60,8 @@ def test_prefix_hits_counted_exactly():
 def test_lru_eviction_prefers_tail_blocks():
     bm = BlockManager(num_blocks=4, block_size=2, enable_prefix_caching=True)
     a = make_seq(0, [1, 2, 3, 4, 5, 6, 9])
-    bm.allocate(a, len(a))
-    bm.register_full_blocks(a, len(a))
+    bm.allocate(a, len(a.token_ids))
+    bm.register_full_blocks(a, len(a.token_ids))
     bm.free(a)
     x = make_seq(1, [8])
     bm.allocate(x, 1)  # takes one block: the tail one goes first
@@ -71,16 +85,12 @@ def test_random_load_never_leaks(seed, prefix):
     steps = 0
     while sched.has_unfinished() and steps < 2000:
         steps += 1
-        batch = sched.schedule()
-        assert batch.num_tokens <= 20 and len(batch.seqs) <= 5
-        assert all(n == 1 for n in batch.num_new_tokens[:batch.num_decode_seqs])
-        for seq, n in zip(batch.seqs, batch.num_new_tokens):
-            assert len(seq.block_table) * 4 >= seq.num_computed_tokens + n
-            seq.num_computed_tokens += n
-            if seq.num_computed_tokens == len(seq):
-                seq.append_token(rng.randrange(50))
-                if seq.num_output_tokens >= seq.params.max_tokens:
-                    sched.finish(seq, "length")
+        step = sched.schedule()
+        assert step.num_tokens <= 20 and len(step.seqs) <= 5
+        for seq, n in zip(step.seqs, step.num_new_tokens):
+            assert len(seq.block_table) * 4 >= seq.num_computed_tokens  # advanced by the scheduler itself
+            assert seq.num_computed_tokens <= seq.num_tokens
+        sample_and_stop(sched, step, lambda: rng.randrange(50))
         if rng.random() < 0.05:  # abort a random live request
             victims = [s for s in live if s.status != SequenceStatus.FINISHED]
             if victims:
@@ -102,18 +112,27 @@ def test_small_cache_preempts_newest_and_recovers():
     for _ in range(200):
         if not sched.has_unfinished():
             break
-        batch = sched.schedule()
-        victims += [v.request_id for v in batch.preempted]
-        for seq, n in zip(batch.seqs, batch.num_new_tokens):
-            seq.num_computed_tokens += n
-            if seq.num_computed_tokens == len(seq):
-                seq.append_token(2)
-                if seq.num_output_tokens >= 12:
-                    sched.finish(seq, "length")
-                    finished.append(seq.request_id)
+        step = sched.schedule()
+        victims += [v.request_id for v in step.preempted]
+        finished += [s.request_id for s in sample_and_stop(sched, step, 2)]
     assert sched.num_preemptions > 0
     assert victims[0] == "2"  # the most recently admitted goes first
     assert sorted(finished) == ["0", "1", "2"] and bm.num_free_blocks == 6
+
+
+def test_only_the_scheduler_advances_progress():
+    """num_computed_tokens and num_tokens are read-only on a Sequence: the scheduler's plan is the one
+    writer (engine/sequence.py), so no other module can move them."""
+    seq = make_seq(0, [1, 2, 3])
+    for name in ("num_computed_tokens", "num_tokens"):
+        with pytest.raises(AttributeError):
+            setattr(seq, name, 2)
+    bm = BlockManager(num_blocks=8, block_size=4, enable_prefix_caching=False)
+    sched = Scheduler(FakeConfig(), bm)
+    sched.add(seq)
+    step = sched.schedule()
+    assert step.plan.new_requests[0].num_computed_tokens == 0  # the plan holds the state before the step
+    assert (seq.num_computed_tokens, seq.num_tokens, seq.num_pending_tokens) == (3, 4, 1)
 
 
 def test_config_refuses_prompt_budget_without_chunking():

@@ -67,9 +67,25 @@ def build_parser(prog: str = "workbench bench throughput") -> argparse.ArgumentP
                    help="run the baseline on only the first N prompts of the same workload (it is ~30x slower); "
                         "its throughput is a rate, so the ratio stays meaningful. Default: all prompts")
     p.add_argument("--profile", action="store_true",
-                   help=f"after the timed run, trace {PROFILE_STEPS} decode steps of the first max-num-seqs "
-                        "prompts with torch.profiler, next to the result (<name>.trace.json)")
+                   help="time the engine step's host phases during the timed run (schedule, prepare, forward, "
+                        "sample, wait, output, frontend: printed, and in the result's extra.step_profile); then "
+                        f"trace {PROFILE_STEPS} decode steps of the first max-num-seqs prompts with torch.profiler, "
+                        "next to the result (<name>.trace.json)")
+    p.add_argument("--sampling-mix", action="store_true",
+                   help="give the requests, in turn, these sampling settings instead of greedy for all: "
+                        + "; ".join(", ".join(f"{k}={v}" for k, v in m.items()) for m in SAMPLING_MIX)
+                        + " (EOS still ignored, so the token counts stay exact)")
     return p
+
+
+# The per-request mix of --sampling-mix: greedy beside temperatures, nucleus and top-k cuts, min-p and the
+# three penalties, so that a batch holds every kind of row at once.
+SAMPLING_MIX = (
+    {"temperature": 0.0},
+    {"temperature": 0.7, "top_p": 0.9},
+    {"temperature": 1.0, "top_p": 0.95, "repetition_penalty": 1.1},
+    {"temperature": 0.8, "top_k": 50, "min_p": 0.05, "presence_penalty": 0.5, "frequency_penalty": 0.3},
+)
 
 
 # ---------------------------------------------------------------- shared with bench latency
@@ -170,11 +186,15 @@ def run_throughput(args: argparse.Namespace, progress: bool = True) -> BenchResu
     warmup = random_prompts([max(map(len, prompts))] + [len(p) for p in prompts[:WARMUP_PROMPTS - 1]], vocab,
                             seed=args.seed + 1)
     console.log(f"warm-up: {len(warmup)} random prompts x {max(output_lens)} tokens (not timed)")
-    _generate(llm, warmup, [max(output_lens)] * len(warmup), progress=False)
+    _generate(llm, warmup, [max(output_lens)] * len(warmup), progress=False, mix=args.sampling_mix)
 
+    timer = engine.core.step_timer
+    if args.profile:
+        timer.enable()  # host clock reads at phase boundaries only: no device syncs
     before = engine.get_stats()
-    outs, elapsed = _generate(llm, prompts, output_lens, progress)
+    outs, elapsed = _generate(llm, prompts, output_lens, progress, mix=args.sampling_mix)
     after = engine.get_stats()
+    timer.enabled = False
     out_tokens = sum(len(o.outputs[0].token_ids) for o in outs)
     metrics = _metrics(len(prompts), sum(map(len, prompts)), out_tokens, elapsed, before, after)
     floor = throughput_floor(ModelShape.from_engine(engine), rates, [len(p) for p in prompts], output_lens,
@@ -191,6 +211,8 @@ def run_throughput(args: argparse.Namespace, progress: bool = True) -> BenchResu
         extra["notes"].append(f"the engine produced {out_tokens} output tokens; the workload asked for "
                               f"{sum(output_lens)}")
     if args.profile:
+        extra["step_profile"] = step_profile(timer, elapsed, metrics["num_steps"])
+        print_step_profile(extra["step_profile"])
         extra["profile"] = profile_steps(engine, prompts, output_lens, output_path(args, "throughput"))
 
     if args.baseline == "transformers":
@@ -215,11 +237,13 @@ def run_throughput(args: argparse.Namespace, progress: bool = True) -> BenchResu
                        extra=extra, environment=collect_environment(rates.device))
 
 
-def _generate(llm, prompts: list[list[int]], output_lens: list[int], progress: bool):
-    """Greedy, EOS ignored, exactly output_len tokens each; timed between device synchronizations."""
+def _generate(llm, prompts: list[list[int]], output_lens: list[int], progress: bool, mix: bool = False):
+    """Greedy (or the --sampling-mix in turn), EOS ignored, exactly output_len tokens each; timed between
+    device synchronizations."""
     from engine import SamplingParams
 
-    params = [SamplingParams(temperature=0.0, max_tokens=o, ignore_eos=True) for o in output_lens]
+    kinds = SAMPLING_MIX if mix else ({"temperature": 0.0},)
+    params = [SamplingParams(**kinds[i % len(kinds)], max_tokens=o, ignore_eos=True) for i, o in enumerate(output_lens)]
     device = llm.llm_engine.config.device
     synchronize(device)
     start = time.perf_counter()
@@ -262,6 +286,27 @@ def _run_baseline(model_dir: Path, prompts, warmup, output_len: int, config: Eng
     if config.device == "cuda" and left > (1 << 30):
         record["notes"].append(f"{left / (1 << 30):.1f} GiB of device memory was still held by our engine")
     return record
+
+
+def step_profile(timer, elapsed: float, num_steps: int) -> dict:
+    """The step timer's per-phase host time, with the wall time per step beside it (what the phases do
+    not cover is the offline loop's own overhead)."""
+    summary = timer.summary()
+    summary["wall_ms_per_step"] = 1e3 * elapsed / max(1, num_steps)
+    return summary
+
+
+def print_step_profile(profile: dict) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"host time per engine step ({profile['steps']} steps; wall {profile['wall_ms_per_step']:.3f} "
+                        f"ms per step)")
+    for column in ("phase", "ms per step", "share"):
+        table.add_column(column, justify="left" if column == "phase" else "right")
+    for phase, ms in profile["ms_per_step"].items():
+        table.add_row(phase, f"{ms:.3f}", f"{profile['share'][phase]:.1%}")
+    table.add_row("measured", f"{profile['measured_ms_per_step']:.3f}", "100%")
+    console.print(table)
 
 
 def profile_steps(engine, prompts: list[list[int]], output_lens: list[int], result_path: Path) -> dict:

@@ -1,0 +1,239 @@
+"""Per-row sampling state of the persistent batch, kept on the device, and the per-step view of it
+that the sampler reads.
+
+Why on the device: with the parameters uploaded as small tensors every step, each upload waited
+for the device and undid the one-step overlap. Here the per-row parameters live in one device
+tensor, re-uploaded from a host mirror only when the batch's membership (or row order) changes;
+what the sampler needs to choose its path (any top-k? the largest k? all greedy?) is decided on
+the host at the same moment, so a step never reads a device value back. Penalties read per-row
+output-token counts kept on the device (the sampled tokens are scatter-added each step, in the
+same device work) and a prompt-token mask built once when a row is added: no token history is
+ever uploaded per step.
+
+Rows of requests without penalties leave their counts row stale: it is never read (their
+penalties are the identity), so it is neither reset nor moved.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from engine.scheduler_output import RequestSampling
+
+# Columns of the per-row parameter tensor.
+TEMPERATURE, TOP_P, TOP_K, MIN_P, REPETITION, PRESENCE, FREQUENCY, GREEDY = range(8)
+NUM_COLUMNS = 8
+_DEFAULT_ROW = (1.0, 1.0, -1.0, 0.0, 1.0, 0.0, 0.0, 0.0)
+GREEDY_EPS = 1e-5
+
+
+def upload(values, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A one-time upload (at a membership change): pinned and asynchronous on CUDA, so that it never
+    waits for the device; the caching host allocator keeps the pinned copy alive until it is done."""
+    tensor = torch.as_tensor(values, dtype=dtype)
+    if device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor
+
+
+@dataclass
+class Penalties:
+    repetition: torch.Tensor  # [rows, 1]
+    presence: torch.Tensor
+    frequency: torch.Tensor
+    output_counts: torch.Tensor  # [rows, vocab] int32: each output token's count
+    prompt_mask: torch.Tensor  # [rows, vocab] bool: the token is in the prompt
+
+
+@dataclass
+class SamplingMetadata:
+    """What the sampler needs for one step, for the batch's first `num_rows` rows (one logits row each)."""
+    num_rows: int
+    temperature: torch.Tensor  # [rows] float32
+    greedy: torch.Tensor  # [rows] bool
+    all_greedy: bool
+    all_random: bool
+    top_k: torch.Tensor | None = None  # [rows] int64, <= 0 for rows without a cut
+    max_top_k: int = 0
+    top_p: torch.Tensor | None = None
+    min_p: torch.Tensor | None = None
+    penalties: Penalties | None = None
+    logit_bias: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # rows, token ids, values
+    allowed: tuple[torch.Tensor, torch.Tensor] | None = None  # rows, [len(rows), vocab] bool mask
+    # min_tokens: (rows, token ids, whether each entry is masked this step); a mask, not a filter, so
+    # that choosing the entries never reads the device
+    blocked: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+    generators: dict[int, torch.Generator] = field(default_factory=dict)  # rows with their own seed
+    max_num_logprobs: int | None = None
+
+    @property
+    def shapes_logits(self) -> bool:
+        """Anything that can change the argmax of a greedy row."""
+        return bool(self.penalties or self.logit_bias or self.allowed or self.blocked)
+
+
+@dataclass
+class _Derived:
+    """What is decided on the host when the membership changes."""
+    all_greedy: bool
+    all_random: bool
+    max_top_k: int
+    any_top_p: bool
+    any_min_p: bool
+    any_penalty: bool
+    max_num_logprobs: int | None
+    seeded_rows: list[int]
+    min_tokens_rows: np.ndarray  # rows with min_tokens > 0
+    min_tokens: np.ndarray  # their min_tokens
+    blocked_coo: tuple[torch.Tensor, torch.Tensor] | None  # (row, stop id) entries of the min_tokens rows
+    logit_bias: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None
+    allowed: tuple[torch.Tensor, torch.Tensor] | None
+
+
+class SamplingRows:
+    def __init__(self, max_rows: int, vocab_size: int, device: torch.device, pin_memory: bool):
+        self.vocab_size = vocab_size
+        self.device = device
+        self._params_host = torch.tensor([_DEFAULT_ROW] * max_rows, dtype=torch.float32)
+        if pin_memory:
+            self._params_host = self._params_host.pin_memory()
+        self.params = self._params_host.numpy()
+        self.params_dev = torch.zeros(max_rows, NUM_COLUMNS, dtype=torch.float32, device=device)
+        self.requests: list[RequestSampling | None] = [None] * max_rows
+        self.generators: list[torch.Generator | None] = [None] * max_rows
+        self.output_counts = torch.zeros(max_rows, vocab_size, dtype=torch.int32, device=device)
+        self.prompt_mask = torch.zeros(max_rows, vocab_size, dtype=torch.bool, device=device)
+        self._derived: _Derived | None = None  # None: the membership changed since the last commit
+
+    # ---------------------------------------------------------------- membership
+    def set_row(self, row: int, sampling: RequestSampling, generator: torch.Generator | None,
+                prompt_token_ids: np.ndarray, output_token_ids: list[int]) -> None:
+        greedy = sampling.temperature < GREEDY_EPS or sampling.top_k == 1
+        self.params[row] = (sampling.temperature, sampling.top_p, sampling.top_k, sampling.min_p,
+                            sampling.repetition_penalty, sampling.presence_penalty, sampling.frequency_penalty,
+                            float(greedy))
+        self.requests[row] = sampling
+        self.generators[row] = generator
+        if sampling.has_penalty:
+            counts = self.output_counts[row]
+            counts.zero_()
+            if output_token_ids:
+                ids = upload(output_token_ids, torch.int64, self.device)
+                counts.index_add_(0, ids, torch.ones_like(ids, dtype=torch.int32))
+            if sampling.repetition_penalty != 1.0:
+                mask = self.prompt_mask[row]
+                mask.zero_()
+                mask[upload(prompt_token_ids, torch.int64, self.device)] = True
+        self._derived = None
+
+    def clear_row(self, row: int) -> None:
+        self.params[row] = _DEFAULT_ROW
+        self.requests[row] = None
+        self.generators[row] = None
+        self._derived = None
+
+    def swap(self, i: int, j: int) -> None:
+        self.params[[i, j]] = self.params[[j, i]]
+        self.requests[i], self.requests[j] = self.requests[j], self.requests[i]
+        self.generators[i], self.generators[j] = self.generators[j], self.generators[i]
+        if any(r is not None and r.has_penalty for r in (self.requests[i], self.requests[j])):
+            for table in (self.output_counts, self.prompt_mask):  # row copies: no index tensor to upload
+                row_i = table[i].clone()
+                table[i].copy_(table[j])
+                table[j].copy_(row_i)
+        self._derived = None
+
+    # ---------------------------------------------------------------- per step
+    def commit(self, num_rows: int) -> None:
+        """After a membership change: upload the parameters and decide the sampler's paths. Call
+        after the rows are final for the step and before `metadata`."""
+        if self._derived is not None:
+            return
+        self.params_dev[:num_rows].copy_(self._params_host[:num_rows], non_blocking=True)
+        self._derived = self._derive(num_rows)
+
+    def _derive(self, num_rows: int) -> _Derived:
+        p = self.params[:num_rows]
+        reqs = self.requests[:num_rows]
+        greedy = p[:, GREEDY] > 0
+        top_k = p[:, TOP_K]
+        bias_rows, bias_ids, bias_vals, allowed_rows, allowed_ids, allowed_flat = [], [], [], [], [], []
+        mt_rows, mt_min, coo_rows, coo_ids = [], [], [], []
+        for row, r in enumerate(reqs):
+            if r.logit_bias:
+                bias_rows += [row] * len(r.logit_bias)
+                bias_ids += list(r.logit_bias)
+                bias_vals += list(r.logit_bias.values())
+            if r.allowed_token_ids:
+                allowed_flat += [len(allowed_rows)] * len(r.allowed_token_ids)
+                allowed_ids += r.allowed_token_ids
+                allowed_rows.append(row)
+            if r.min_tokens > 0 and r.min_tokens_stop_ids:
+                mt_rows.append(row)
+                mt_min.append(r.min_tokens)
+                coo_rows += [row] * len(r.min_tokens_stop_ids)
+                coo_ids += r.min_tokens_stop_ids
+        dev = self.device
+        allowed = None
+        if allowed_rows:
+            mask = torch.zeros(len(allowed_rows), self.vocab_size, dtype=torch.bool, device=dev)
+            mask[upload(allowed_flat, torch.int64, dev), upload(allowed_ids, torch.int64, dev)] = True
+            allowed = (upload(allowed_rows, torch.int64, dev), mask)
+        logprobs = [r.logprobs for r in reqs if r.logprobs is not None]
+        return _Derived(
+            all_greedy=bool(greedy.all()), all_random=not bool(greedy.any()),
+            max_top_k=int(top_k[top_k > 0].max()) if (top_k > 0).any() else 0,
+            any_top_p=bool((p[:, TOP_P] < 1.0).any()), any_min_p=bool((p[:, MIN_P] > 0.0).any()),
+            any_penalty=any(r.has_penalty for r in reqs), max_num_logprobs=max(logprobs) if logprobs else None,
+            seeded_rows=[row for row, g in enumerate(self.generators[:num_rows]) if g is not None],
+            min_tokens_rows=np.array(mt_rows, dtype=np.int64), min_tokens=np.array(mt_min, dtype=np.int64),
+            blocked_coo=(upload(coo_rows, torch.int64, dev), upload(coo_ids, torch.int64, dev)) if coo_rows else None,
+            logit_bias=(upload(bias_rows, torch.int64, dev), upload(bias_ids, torch.int64, dev),
+                        upload(bias_vals, torch.float32, dev)) if bias_rows else None,
+            allowed=allowed)
+
+    def blocked_rows(self, num_output_tokens: np.ndarray) -> np.ndarray | None:
+        """Rows (of those with min_tokens) still short of it this step, given each row's output count."""
+        d = self._derived
+        if d is None or not len(d.min_tokens_rows):
+            return None
+        short = d.min_tokens_rows[num_output_tokens[d.min_tokens_rows] < d.min_tokens]
+        return short if len(short) else None
+
+    def metadata(self, num_rows: int, samples: np.ndarray, blocked_flags: torch.Tensor | None,
+                 blocked_rows: np.ndarray | None) -> SamplingMetadata:
+        """The step's view. `samples`: the rows that really sample (host); `blocked_flags`: a device
+        [rows] flag, 1 where min_tokens masks the stop ids this step (None: no row is masked)."""
+        d = self._derived
+        assert d is not None, "commit() before metadata()"
+        p = self.params_dev[:num_rows]
+        meta = SamplingMetadata(num_rows=num_rows, temperature=p[:, TEMPERATURE], greedy=p[:, GREEDY] > 0,
+                                all_greedy=d.all_greedy, all_random=d.all_random, logit_bias=d.logit_bias,
+                                allowed=d.allowed, max_num_logprobs=d.max_num_logprobs)
+        if d.max_top_k:
+            meta.top_k, meta.max_top_k = p[:, TOP_K].long(), d.max_top_k
+        if d.any_top_p:
+            meta.top_p = p[:, TOP_P]
+        if d.any_min_p:
+            meta.min_p = p[:, MIN_P]
+        if d.any_penalty:
+            meta.penalties = Penalties(p[:, REPETITION:REPETITION + 1], p[:, PRESENCE:PRESENCE + 1],
+                                       p[:, FREQUENCY:FREQUENCY + 1], self.output_counts[:num_rows],
+                                       self.prompt_mask[:num_rows])
+        if blocked_rows is not None and d.blocked_coo is not None:
+            rows, ids = d.blocked_coo
+            meta.blocked = (rows, ids, blocked_flags[rows] > 0)  # entries of rows short of min_tokens now
+        meta.generators = {row: self.generators[row] for row in d.seeded_rows if samples[row]}
+        return meta
+
+    def record_sampled(self, tokens: torch.Tensor, num_rows: int, samples: torch.Tensor | None) -> None:
+        """Count the step's sampled tokens (device work, queued behind the sampler). `samples`: a
+        device [rows] int32 flag of the rows that really sampled (None: all of them)."""
+        d = self._derived
+        if d is None or not d.any_penalty:
+            return
+        ones = samples.unsqueeze(1) if samples is not None else torch.ones(
+            num_rows, 1, dtype=torch.int32, device=tokens.device)
+        self.output_counts[:num_rows].scatter_add_(1, tokens.unsqueeze(1), ones)

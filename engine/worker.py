@@ -1,0 +1,122 @@
+"""A worker: one device's model, KV cache and model runner. The executor (engine/executor.py)
+drives it with step plans only; a tensor- or pipeline-parallel worker in its own process will be
+this same class, holding its shard.
+
+Memory sizing (GPU), as vLLM users expect it: weights are loaded, then the largest step the
+scheduler can produce runs through the real path (plan -> persistent batch -> inputs -> forward ->
+sampler with every option that costs memory; nano-vllm's warm-up idea) against a scratch cache,
+and its peak is measured. The largest decode CUDA graph is captured once on trial, and the device
+memory that took (measured at the device, before and after, so it cannot come out negative) is
+set aside too. The KV cache gets the rest of gpu_memory_utilization; the log line's figures add up
+to that budget by construction.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from engine.config import EngineConfig
+from engine.kv_cache import (
+    MemoryProfile,
+    allocate_kv_cache,
+    bytes_per_block,
+    check_kv_budget,
+    kv_cache_bytes,
+    num_blocks_for,
+)
+from engine.model_loader import build_model
+from engine.model_runner import ModelRunner, PendingOutput, graph_batch_sizes
+from engine.scheduler_output import SchedulerOutput
+from engine.step_timer import StepTimer
+
+log = logging.getLogger("engine")
+
+
+def device_used() -> int:
+    free, total = torch.cuda.mem_get_info()
+    return total - free
+
+
+class Worker:
+    def __init__(self, config: EngineConfig, model_dir: Path, timer: StepTimer):
+        self.config = config
+        self.device = torch.device(config.device)
+        torch.manual_seed(config.seed)
+        cuda = self.device.type == "cuda"
+        if cuda:
+            torch.cuda.empty_cache()
+        model = build_model(config.hf_config, config.torch_dtype, self.device, model_dir, config.load_format,
+                            config.seed)
+        self.weights = torch.cuda.memory_allocated() if cuda else 0
+        self.runner = ModelRunner(config, model, self.device, timer)
+        self.batch_buffers = torch.cuda.memory_allocated() - self.weights if cuda else 0
+        self.memory_profile: MemoryProfile | None = None
+
+    # ---------------------------------------------------------------- memory and cache
+    def determine_num_blocks(self) -> int:
+        if self.device.type != "cuda":
+            return num_blocks_for(self.config, None)
+        return num_blocks_for(self.config, self._profile().kv_budget)
+
+    @torch.inference_mode()
+    def _profile(self) -> MemoryProfile:
+        cfg, runner = self.config, self.runner
+        plan, num_blocks = runner.profile_plan()
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        scratch = allocate_kv_cache(cfg, num_blocks, self.device)
+        runner.bind_cache(scratch)
+        runner.run_profile_plan(plan)
+        torch.cuda.synchronize()
+        activation_peak = max(0, torch.cuda.max_memory_allocated() - self.weights - self.batch_buffers
+                              - kv_cache_bytes(scratch))
+        runner.bind_cache([])
+        del scratch
+        torch.cuda.empty_cache()
+        non_torch = max(0, device_used() - torch.cuda.memory_reserved())
+        graphs = 0 if cfg.enforce_eager else self._trial_graph_bytes()
+        self.memory_profile = check_kv_budget(cfg, MemoryProfile(
+            total=torch.cuda.mem_get_info()[1], utilization=cfg.gpu_memory_utilization, weights=self.weights,
+            batch_buffers=self.batch_buffers, activation_peak=activation_peak, non_torch=non_torch,
+            cuda_graphs=graphs))
+        log.info("memory profile: %s", self.memory_profile.describe())
+        return self.memory_profile
+
+    def _trial_graph_bytes(self) -> int:
+        """Capture the largest decode graph against a one-block cache and measure what it took."""
+        runner = self.runner
+        bs = max(graph_batch_sizes(self.config.max_num_seqs))
+        runner.bind_cache(allocate_kv_cache(self.config, 1, self.device))
+        runner.warm_up_graph(bs)  # its transient allocations are cached outside the measured window
+        torch.cuda.synchronize()
+        before = device_used()
+        graph = runner.capture_graph(bs)
+        torch.cuda.synchronize()
+        taken = max(0, device_used() - before)
+        del graph
+        runner.graph_hidden = None
+        runner.bind_cache([])
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        return taken
+
+    def initialize_cache(self, num_blocks: int) -> None:
+        self.runner.bind_cache(allocate_kv_cache(self.config, num_blocks, self.device))
+        if self.device.type == "cuda" and not self.config.enforce_eager:
+            torch.cuda.synchronize()
+            before = device_used()
+            self.runner.capture_graphs()
+            taken = max(0, device_used() - before)
+            profiled = self.memory_profile.cuda_graphs if self.memory_profile else 0
+            log.info("CUDA graphs took %.2f GiB (%.2f GiB set aside by the profile); KV cache %d blocks of %.3f MiB",
+                     taken / (1 << 30), profiled / (1 << 30), num_blocks, bytes_per_block(self.config) / (1 << 20))
+
+    # ---------------------------------------------------------------- steps
+    def execute_model(self, plan: SchedulerOutput) -> PendingOutput:
+        return self.runner.execute_model(plan)
+
+    def shutdown(self) -> None:
+        self.runner.release()
