@@ -70,6 +70,14 @@ class BlockTable:
         self.num_blocks[[i, j]] = self.num_blocks[[j, i]]
         self._dirty = True
 
+    def clear(self) -> None:
+        """Every row back to block 0: rows past the batch are read by CUDA graphs' padding rows, so a
+        block id left over from a larger scratch cache (the memory profile's) must not survive."""
+        self.host.fill(0)
+        self.num_blocks[:] = 0
+        self.device_table.zero_()
+        self._dirty = False
+
     def commit(self, num_rows: int) -> None:
         if self._dirty and num_rows:
             self.device_table[:num_rows].copy_(self._host[:num_rows], non_blocking=True)
@@ -78,7 +86,7 @@ class BlockTable:
 
 class InputBatch:
     def __init__(self, max_num_seqs: int, max_model_len: int, max_blocks_per_seq: int, vocab_size: int,
-                 device: torch.device):
+                 device: torch.device, num_spec_tokens: int = 0):
         pin = device.type == "cuda"
         n = max_num_seqs
         self.max_num_seqs = n
@@ -86,7 +94,8 @@ class InputBatch:
         self.row_of: dict[str, int] = {}
         self.num_rows = 0  # rows below this are in use, except the holes in _free (until condense)
         self._free: list[int] = []  # a heap: adds fill the lowest hole first
-        self.token_ids = np.zeros((n, max_model_len + 1), dtype=np.int32)
+        # + 1: the token sampled after a request's last (dropped); + the draft tokens a step may verify
+        self.token_ids = np.zeros((n, max_model_len + 1 + num_spec_tokens), dtype=np.int32)
         self.num_tokens = np.zeros(n, dtype=np.int32)  # prompt + sampled, counting one still on the device
         self.num_host_tokens = np.zeros(n, dtype=np.int32)  # of those, written in token_ids
         self.num_prompt_tokens = np.zeros(n, dtype=np.int32)
@@ -208,6 +217,8 @@ def apply_plan(batch: InputBatch, requests: dict[str, RequestState], plan: Sched
     """Apply a step plan to the batch (and to `requests`, the worker's record of every live request):
     rows leave, rows come in, the rest take their diffs; then the rows are condensed and the decode
     rows put first. Returns the number of decode rows."""
+    if plan.scheduled_spec_tokens:
+        raise NotImplementedError("this worker cannot verify draft tokens yet (speculative decoding has not landed)")
     for rid in plan.finished_req_ids:
         batch.remove(rid)
         requests.pop(rid, None)

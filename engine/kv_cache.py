@@ -26,10 +26,11 @@ class MemoryProfile:
     add up to that budget exactly."""
     total: int
     utilization: float
+    earlier: int  # torch memory this process held before the engine loaded (another engine, a benchmark)
     weights: int
     batch_buffers: int  # the runner's persistent batch: staging, block tables, penalty counts
     activation_peak: int  # torch peak of the profiling step above weights, buffers and its scratch cache
-    non_torch: int  # CUDA context, cuBLAS workspaces, other libraries
+    non_torch: int  # CUDA context, cuBLAS workspaces, other libraries and processes on the device
     cuda_graphs: int  # a trial capture of the largest decode graph (device memory it took, >= 0)
 
     @property
@@ -38,12 +39,13 @@ class MemoryProfile:
 
     @property
     def kv_budget(self) -> int:
-        return (self.budget - self.weights - self.batch_buffers - self.activation_peak - self.non_torch
-                - self.cuda_graphs)
+        return (self.budget - self.earlier - self.weights - self.batch_buffers - self.activation_peak
+                - self.non_torch - self.cuda_graphs)
 
     def describe(self) -> str:
         g = lambda b: f"{b / GiB:.2f} GiB"  # noqa: E731
-        return (f"{g(self.budget)} ({self.utilization:g} of {g(self.total)}) = weights {g(self.weights)} + batch "
+        earlier = f"earlier allocations {g(self.earlier)} + " if self.earlier else ""
+        return (f"{g(self.budget)} ({self.utilization:g} of {g(self.total)}) = {earlier}weights {g(self.weights)} + batch "
                 f"buffers {g(self.batch_buffers)} + activation peak {g(self.activation_peak)} + non-torch "
                 f"{g(self.non_torch)} + CUDA graphs {g(self.cuda_graphs)} + KV cache {g(self.kv_budget)}")
 

@@ -75,8 +75,9 @@ class LLMEngine:
         processed = self.processor.process(self.core.step())
         if processed.to_abort:
             self.core.abort(processed.to_abort)
+        final_only = RequestOutputKind.FINAL_ONLY
         outputs = [self.processor.make_output(state) for state in processed.touched
-                   if state.finished or state.params.output_kind != RequestOutputKind.FINAL_ONLY]
+                   if state.finished or state.params.output_kind != final_only]
         self.core.step_timer.lap("frontend")
         return outputs
 

@@ -313,6 +313,8 @@ class ModelRunner:
         """The captured step reads its inputs from the fixed device buffers; fill them with a valid
         padding batch (slot -1: nothing stored; context 1: block 0 of an all-zero table row)."""
         s64, s32 = self.staging64, self.staging32
+        assert len(self.batch) == 0, "graphs are captured with the batch empty"
+        self.batch.block_table.clear()
         for name, value in (("input_ids", 0), ("positions", 0), ("slot_mapping", -1)):
             s64.dev(name, bs).fill_(value)
         s32.dev("context_lens", bs).fill_(1)
@@ -336,19 +338,26 @@ class ModelRunner:
             self.graph_hidden[:bs] = self.model(*args)
         return graph
 
-    def capture_graphs(self) -> None:
+    def capture_graphs(self) -> int:
+        """Capture a decode graph per batch size; returns the device memory the captures took (the
+        warm-ups run first, outside that window)."""
         start = time.perf_counter()
         sizes = sorted(graph_batch_sizes(self.config.max_num_seqs), reverse=True)
+        for bs in sizes:
+            self.warm_up_graph(bs)
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        free_before = torch.cuda.mem_get_info()[0]
         self.graph_hidden = None
         graphs, pool = {}, None
         for bs in sizes:  # largest first, so smaller graphs reuse its memory pool
-            self.warm_up_graph(bs)
             graphs[bs] = self.capture_graph(bs, pool)
             pool = graphs[bs].pool()
         torch.cuda.synchronize()
         self.graphs = graphs
         log.info("captured %d CUDA graphs for decode batch sizes %s..%s in %.1f s", len(sizes), sizes[-1], sizes[0],
                  time.perf_counter() - start)
+        return max(0, free_before - torch.cuda.mem_get_info()[0])
 
     # ---------------------------------------------------------------- memory profiling
     def profile_plan(self, first_block: int = 0) -> tuple[SchedulerOutput, int]:
@@ -374,4 +383,5 @@ class ModelRunner:
         forget its requests."""
         self.execute_model(plan).result()
         self.execute_model(SchedulerOutput(finished_req_ids=[r.req_id for r in plan.new_requests])).result()
+        self.batch.block_table.clear()  # its block ids were the scratch cache's
         self.timer.reset()

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from engine.messages import CoreOutput
 from engine.scheduler_output import ModelRunnerOutput
-from engine.sequence import Sequence
+from engine.sequence import Sequence, SequenceStatus
 
 log = logging.getLogger("engine")
 
@@ -39,13 +39,16 @@ class OutputHandler:
         return frozenset(stop_token_ids) | (frozenset() if ignore_eos else self.eos_token_ids)
 
     def process(self, result: ModelRunnerOutput, requests: dict[str, Sequence]) -> StepOutcome:
+        """`requests`: the step's sequences by id (those that are finished by now are skipped)."""
         outcome = StepOutcome()
         logprobs = result.logprobs
+        get = requests.get
+        finished = SequenceStatus.FINISHED
         for i, (rid, tokens) in enumerate(zip(result.req_ids, result.sampled_token_ids)):
             if not tokens:
                 continue  # a prompt chunk short of its end
-            seq = requests.get(rid)
-            if seq is None or seq.is_finished:
+            seq = get(rid)
+            if seq is None or seq.status is finished:
                 continue  # finished or aborted since this step was launched: its row was computed for nothing
             try:
                 if self.before_each is not None:
@@ -58,26 +61,28 @@ class OutputHandler:
 
     def _append(self, seq: Sequence, tokens: list[int], logprobs: list | None, outcome: StepOutcome) -> None:
         token_ids = seq.token_ids
-        first = len(token_ids) == seq.num_prompt_tokens
+        num_prompt = seq.num_prompt_tokens
+        first = len(token_ids) == num_prompt
         reason = stop = None
-        taken = 0
-        for token in tokens:
+        taken = len(tokens)
+        for i, token in enumerate(tokens):  # usually one
             token_ids.append(token)
-            taken += 1
-            if token in seq.stop_ids and len(token_ids) - seq.num_prompt_tokens >= seq.params.min_tokens:
+            if token in seq.stop_ids and len(token_ids) - num_prompt >= seq.params.min_tokens:
                 reason, stop = "stop", (None if token in self.eos_token_ids and not seq.params.ignore_eos else token)
-                break
-            if len(token_ids) >= seq.max_num_tokens:
+            elif len(token_ids) >= seq.max_num_tokens:
                 reason = "length"
-                break
+            else:
+                continue
+            taken = i + 1
+            break
         assert len(token_ids) <= seq.num_tokens, f"request {seq.request_id} got a token it was not scheduled for"
-        new = tokens if taken == len(tokens) else tokens[:taken]
-        out = CoreOutput(seq.request_id, new, num_cached_tokens=seq.num_cached_tokens if first else 0)
+        out = CoreOutput(seq.request_id, tokens if taken == len(tokens) else tokens[:taken],
+                         num_cached_tokens=seq.num_cached_tokens if first else 0)
         if logprobs and seq.params.logprobs is not None:
             out.logprobs = logprobs[:taken]
         outcome.num_generated += taken
         if first:
-            outcome.num_prompt_tokens += seq.num_prompt_tokens
+            outcome.num_prompt_tokens += num_prompt
         if reason is not None:
             out.finish_reason, out.stop_reason = reason, stop
             seq.finish_reason, seq.stop_reason = reason, stop

@@ -46,22 +46,26 @@ class RequestState:
     num_cached_tokens: int = 0
     error: str | None = None  # set when the core failed the request
     prompt_logprobs: list[dict[int, Logprob] | None] | None = None  # vLLM's shape: None at position 0
+    num_unfinished: int = 0  # samples without a finish reason (kept by finish_sample)
+    # Text is needed every step to find stop strings or to stream it; otherwise (offline runs) the
+    # output is decoded once when it is returned, which keeps the per-step host cost flat.
+    streams_text: bool = True
 
     @property
     def finished(self) -> bool:
-        return all(s.finish_reason is not None for s in self.samples)
+        return self.num_unfinished == 0
 
-    @property
-    def streams_text(self) -> bool:
-        """Text is needed every step to find stop strings or to stream it; otherwise (offline runs)
-        the output is decoded once when it is returned, which keeps the per-step host cost flat."""
-        return bool(self.params.stop_list) or self.params.output_kind != RequestOutputKind.FINAL_ONLY
+    def finish_sample(self, sample: SampleState, reason: str, stop: int | str | None = None) -> None:
+        if sample.finish_reason is None:
+            sample.finish_reason, sample.stop_reason = reason, stop
+            self.num_unfinished -= 1
 
 
 @dataclass
 class ProcessedOutputs:
     touched: list[RequestState]  # requests that changed this step, in first-touched order
     to_abort: list[str]  # core request ids finished here (stop strings) that the core must drop
+    finished: list[RequestState]  # requests that finished this step (every sample done)
 
 
 class OutputProcessor:
@@ -75,7 +79,9 @@ class OutputProcessor:
         """Track a request; returns the core requests to send (one per sample)."""
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
-        state = RequestState(request_id, prompt, prompt_token_ids, params, [], RequestMetrics(arrival_time))
+        state = RequestState(request_id, prompt, prompt_token_ids, params, [], RequestMetrics(arrival_time),
+                             num_unfinished=params.n, streams_text=bool(params.stop_list)
+                             or params.output_kind != RequestOutputKind.FINAL_ONLY)
         core_requests = []
         for index in range(params.n):
             sample = SampleState(index, logprobs=[] if params.logprobs is not None else None)
@@ -110,16 +116,20 @@ class OutputProcessor:
         now = time.monotonic()
         for sample in state.samples:
             self._children.pop(self.child_id(request_id, sample.index, len(state.samples)), None)
-            sample.finish_reason = sample.finish_reason or "abort"
+            state.finish_sample(sample, "abort")
         state.metrics.finished_time = now
         return state
 
     def process(self, outputs: list[CoreOutput]) -> ProcessedOutputs:
+        """One step's core outputs, in one pass (the per-output work is kept to a few attribute
+        writes: an API process folds tens of thousands of them a second)."""
         now = time.monotonic()
         touched: dict[str, RequestState] = {}
         to_abort: list[str] = []
+        finished: list[RequestState] = []
+        children = self._children
         for out in outputs:
-            entry = self._children.get(out.request_id)
+            entry = children.get(out.request_id)
             if entry is None:
                 continue  # aborted here already; the core's last tokens for it are dropped
             state, sample = entry
@@ -129,16 +139,17 @@ class OutputProcessor:
             except Exception as exc:  # detokenizing one request failed: it alone ends, with the error
                 log.exception("output processing failed for request %s", state.request_id)
                 state.error = f"{type(exc).__name__}: {exc}"
-                sample.finish_reason, stopped_here = "error", out.finish_reason is None
+                stopped_here = out.finish_reason is None and sample.finish_reason is None
+                state.finish_sample(sample, "error")
             if stopped_here:
                 to_abort.append(out.request_id)
             if sample.finish_reason is not None:
-                del self._children[out.request_id]
-        for state in touched.values():
-            if state.finished:
-                state.metrics.finished_time = now
-                del self.requests[state.request_id]
-        return ProcessedOutputs(list(touched.values()), to_abort)
+                del children[out.request_id]
+                if state.finished:
+                    state.metrics.finished_time = now
+                    del self.requests[state.request_id]
+                    finished.append(state)
+        return ProcessedOutputs(list(touched.values()), to_abort, finished)
 
     def _apply(self, state: RequestState, sample: SampleState, out: CoreOutput, now: float) -> bool:
         """Fold one core output into its sample; True if a stop string finished it here."""
@@ -146,24 +157,26 @@ class OutputProcessor:
             state.error = out.error
         if out.prompt_logprobs is not None and state.prompt_logprobs is None:  # n samples score it n times
             state.prompt_logprobs = self._prompt_logprobs(state.prompt_token_ids, out.prompt_logprobs)
-        if out.new_token_ids:
-            if state.metrics.first_token_time is None:
-                state.metrics.first_token_time = now
+        new_ids = out.new_token_ids
+        if new_ids:
+            metrics = state.metrics
+            if metrics.first_token_time is None:
+                metrics.first_token_time = now
                 state.num_cached_tokens = out.num_cached_tokens
-            state.metrics.last_token_time = now
-            sample.token_ids.extend(out.new_token_ids)
+            metrics.last_token_time = now
+            sample.token_ids += new_ids
             if out.logprobs is not None and sample.logprobs is not None:
                 self._record_logprobs(sample, out)
-        if out.finish_reason == "stop" and out.new_token_ids:
-            sample.stopped_on_token = True  # EOS or a stop token id
-        if out.finish_reason is not None:
-            sample.finish_reason, sample.stop_reason = out.finish_reason, out.stop_reason
-        if state.streams_text and out.new_token_ids:
-            new = out.new_token_ids[:-1] if sample.stopped_on_token else out.new_token_ids
-            stop = sample.detokenizer.append(new)
+        reason = out.finish_reason
+        if reason is not None:
+            if reason == "stop" and new_ids:
+                sample.stopped_on_token = True  # EOS or a stop token id
+            state.finish_sample(sample, reason, out.stop_reason)
+        if state.streams_text and new_ids:
+            stop = sample.detokenizer.append(new_ids[:-1] if sample.stopped_on_token else new_ids)
             sample.detokenized_tokens = len(sample.token_ids)
             if stop is not None and sample.finish_reason is None:
-                sample.finish_reason, sample.stop_reason = "stop", stop
+                state.finish_sample(sample, "stop", stop)
                 return True
         return False
 

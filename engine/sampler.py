@@ -58,7 +58,7 @@ class Sampler:
         if meta.top_k is not None:
             apply_top_k(logits, meta.top_k, meta.max_top_k)
         if meta.top_p is not None:
-            apply_top_p(logits, meta.top_p)
+            apply_top_p(logits, meta.top_p, meta.top_p_rows)
         tokens = exponential_race(logits.softmax(dim=-1), self.generator, meta.generators)
         return tokens if greedy_tokens is None else torch.where(meta.greedy, greedy_tokens, tokens)
 
@@ -82,6 +82,13 @@ def process_logits(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor
 def apply_penalties(logits: torch.Tensor, pen: Penalties) -> torch.Tensor:
     """Repetition (seen in prompt or output: positive logits divided, negative multiplied), then
     frequency (times each output count) and presence (once per output token) subtracted."""
+    if pen.rows is not None:
+        logits[pen.rows] = penalised(logits[pen.rows], pen)
+        return logits
+    return penalised(logits, pen)
+
+
+def penalised(logits: torch.Tensor, pen: Penalties) -> torch.Tensor:
     counts = pen.output_counts
     out_seen = counts > 0
     seen = out_seen | pen.prompt_mask
@@ -108,9 +115,13 @@ def apply_top_k(logits: torch.Tensor, k: torch.Tensor, max_k: int) -> torch.Tens
     return logits.masked_fill_(logits < kth, NEG_INF)
 
 
-def apply_top_p(logits: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+def apply_top_p(logits: torch.Tensor, p: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
     """Keep the smallest set of most likely tokens whose probability reaches p (at least one), and
-    their ties. p = 1 keeps everything (rounding in the cumulative sum must not drop the tail)."""
+    their ties. p = 1 keeps everything (rounding in the cumulative sum must not drop the tail).
+    `rows`: only these rows have a cut (the sort, the costly part, then covers only them)."""
+    if rows is not None:
+        logits[rows] = apply_top_p(logits[rows], p[rows])
+        return logits
     probs = logits.softmax(dim=-1)
     sorted_probs = probs.sort(dim=-1, descending=True).values
     mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs

@@ -10,8 +10,8 @@ output-token counts kept on the device (the sampled tokens are scatter-added eac
 same device work) and a prompt-token mask built once when a row is added: no token history is
 ever uploaded per step.
 
-Rows of requests without penalties leave their counts row stale: it is never read (their
-penalties are the identity), so it is neither reset nor moved.
+Rows of requests without penalties leave their counts row stale: it is never read (the penalties
+run on the rows that have them), so it is neither reset nor moved.
 """
 from __future__ import annotations
 
@@ -27,6 +27,10 @@ TEMPERATURE, TOP_P, TOP_K, MIN_P, REPETITION, PRESENCE, FREQUENCY, GREEDY = rang
 NUM_COLUMNS = 8
 _DEFAULT_ROW = (1.0, 1.0, -1.0, 0.0, 1.0, 0.0, 0.0, 0.0)
 GREEDY_EPS = 1e-5
+# Columns of the host-only per-row feature table: what the sampler's paths depend on, as numbers, so
+# that a membership change decides them with numpy rather than a loop over the rows.
+F_PENALTY, F_BIAS, F_ALLOWED, F_MIN_TOKENS, F_LOGPROBS, F_SEEDED = range(6)
+_NO_FEATURES = (0, 0, 0, 0, -1, 0)
 
 
 def upload(values, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -40,11 +44,13 @@ def upload(values, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
 
 @dataclass
 class Penalties:
+    """For the rows with penalties (all of the batch's, or those listed in `rows`)."""
     repetition: torch.Tensor  # [rows, 1]
     presence: torch.Tensor
     frequency: torch.Tensor
     output_counts: torch.Tensor  # [rows, vocab] int32: each output token's count
     prompt_mask: torch.Tensor  # [rows, vocab] bool: the token is in the prompt
+    rows: torch.Tensor | None = None  # the batch rows these are, when not all of them
 
 
 @dataclass
@@ -58,6 +64,7 @@ class SamplingMetadata:
     top_k: torch.Tensor | None = None  # [rows] int64, <= 0 for rows without a cut
     max_top_k: int = 0
     top_p: torch.Tensor | None = None
+    top_p_rows: torch.Tensor | None = None  # the rows with a top-p cut, when not all of them (it sorts)
     min_p: torch.Tensor | None = None
     penalties: Penalties | None = None
     logit_bias: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # rows, token ids, values
@@ -81,8 +88,10 @@ class _Derived:
     all_random: bool
     max_top_k: int
     any_top_p: bool
+    top_p_rows: torch.Tensor | None  # None: every row, or none
     any_min_p: bool
     any_penalty: bool
+    penalty_rows: torch.Tensor | None  # None: every row, or none
     max_num_logprobs: int | None
     seeded_rows: list[int]
     min_tokens_rows: np.ndarray  # rows with min_tokens > 0
@@ -101,6 +110,7 @@ class SamplingRows:
             self._params_host = self._params_host.pin_memory()
         self.params = self._params_host.numpy()
         self.params_dev = torch.zeros(max_rows, NUM_COLUMNS, dtype=torch.float32, device=device)
+        self.features = np.array([_NO_FEATURES] * max_rows, dtype=np.int64)
         self.requests: list[RequestSampling | None] = [None] * max_rows
         self.generators: list[torch.Generator | None] = [None] * max_rows
         self.output_counts = torch.zeros(max_rows, vocab_size, dtype=torch.int32, device=device)
@@ -114,6 +124,9 @@ class SamplingRows:
         self.params[row] = (sampling.temperature, sampling.top_p, sampling.top_k, sampling.min_p,
                             sampling.repetition_penalty, sampling.presence_penalty, sampling.frequency_penalty,
                             float(greedy))
+        self.features[row] = (sampling.has_penalty, bool(sampling.logit_bias), bool(sampling.allowed_token_ids),
+                              sampling.min_tokens if sampling.min_tokens_stop_ids else 0,
+                              -1 if sampling.logprobs is None else sampling.logprobs, generator is not None)
         self.requests[row] = sampling
         self.generators[row] = generator
         if sampling.has_penalty:
@@ -130,15 +143,17 @@ class SamplingRows:
 
     def clear_row(self, row: int) -> None:
         self.params[row] = _DEFAULT_ROW
+        self.features[row] = _NO_FEATURES
         self.requests[row] = None
         self.generators[row] = None
         self._derived = None
 
     def swap(self, i: int, j: int) -> None:
         self.params[[i, j]] = self.params[[j, i]]
+        self.features[[i, j]] = self.features[[j, i]]
         self.requests[i], self.requests[j] = self.requests[j], self.requests[i]
         self.generators[i], self.generators[j] = self.generators[j], self.generators[i]
-        if any(r is not None and r.has_penalty for r in (self.requests[i], self.requests[j])):
+        if self.features[i, F_PENALTY] or self.features[j, F_PENALTY]:
             for table in (self.output_counts, self.prompt_mask):  # row copies: no index tensor to upload
                 row_i = table[i].clone()
                 table[i].copy_(table[j])
@@ -155,41 +170,41 @@ class SamplingRows:
         self._derived = self._derive(num_rows)
 
     def _derive(self, num_rows: int) -> _Derived:
-        p = self.params[:num_rows]
-        reqs = self.requests[:num_rows]
+        p, f = self.params[:num_rows], self.features[:num_rows]
+        reqs = self.requests
         greedy = p[:, GREEDY] > 0
         top_k = p[:, TOP_K]
-        bias_rows, bias_ids, bias_vals, allowed_rows, allowed_ids, allowed_flat = [], [], [], [], [], []
-        mt_rows, mt_min, coo_rows, coo_ids = [], [], [], []
-        for row, r in enumerate(reqs):
-            if r.logit_bias:
-                bias_rows += [row] * len(r.logit_bias)
-                bias_ids += list(r.logit_bias)
-                bias_vals += list(r.logit_bias.values())
-            if r.allowed_token_ids:
-                allowed_flat += [len(allowed_rows)] * len(r.allowed_token_ids)
-                allowed_ids += r.allowed_token_ids
-                allowed_rows.append(row)
-            if r.min_tokens > 0 and r.min_tokens_stop_ids:
-                mt_rows.append(row)
-                mt_min.append(r.min_tokens)
-                coo_rows += [row] * len(r.min_tokens_stop_ids)
-                coo_ids += r.min_tokens_stop_ids
         dev = self.device
+        bias_rows, bias_ids, bias_vals = [], [], []
+        for row in np.flatnonzero(f[:, F_BIAS]).tolist():
+            bias = reqs[row].logit_bias
+            bias_rows += [row] * len(bias)
+            bias_ids += list(bias)
+            bias_vals += list(bias.values())
         allowed = None
+        allowed_rows = np.flatnonzero(f[:, F_ALLOWED]).tolist()
         if allowed_rows:
+            flat = [(i, t) for i, row in enumerate(allowed_rows) for t in reqs[row].allowed_token_ids]
             mask = torch.zeros(len(allowed_rows), self.vocab_size, dtype=torch.bool, device=dev)
-            mask[upload(allowed_flat, torch.int64, dev), upload(allowed_ids, torch.int64, dev)] = True
+            mask[upload([i for i, _ in flat], torch.int64, dev), upload([t for _, t in flat], torch.int64, dev)] = True
             allowed = (upload(allowed_rows, torch.int64, dev), mask)
-        logprobs = [r.logprobs for r in reqs if r.logprobs is not None]
+        mt_rows = np.flatnonzero(f[:, F_MIN_TOKENS])
+        coo = [(row, t) for row in mt_rows.tolist() for t in reqs[row].min_tokens_stop_ids]
+        logprobs = f[:, F_LOGPROBS]
+        top_p_rows = np.flatnonzero(p[:, TOP_P] < 1.0)
+        penalty_rows = np.flatnonzero(f[:, F_PENALTY])
         return _Derived(
             all_greedy=bool(greedy.all()), all_random=not bool(greedy.any()),
-            max_top_k=int(top_k[top_k > 0].max()) if (top_k > 0).any() else 0,
-            any_top_p=bool((p[:, TOP_P] < 1.0).any()), any_min_p=bool((p[:, MIN_P] > 0.0).any()),
-            any_penalty=any(r.has_penalty for r in reqs), max_num_logprobs=max(logprobs) if logprobs else None,
-            seeded_rows=[row for row, g in enumerate(self.generators[:num_rows]) if g is not None],
-            min_tokens_rows=np.array(mt_rows, dtype=np.int64), min_tokens=np.array(mt_min, dtype=np.int64),
-            blocked_coo=(upload(coo_rows, torch.int64, dev), upload(coo_ids, torch.int64, dev)) if coo_rows else None,
+            max_top_k=int(top_k.max()) if (top_k > 0).any() else 0,
+            any_top_p=bool(len(top_p_rows)), any_min_p=bool((p[:, MIN_P] > 0.0).any()),
+            top_p_rows=upload(top_p_rows, torch.int64, dev) if 0 < len(top_p_rows) < num_rows else None,
+            any_penalty=bool(len(penalty_rows)),
+            penalty_rows=upload(penalty_rows, torch.int64, dev) if 0 < len(penalty_rows) < num_rows else None,
+            max_num_logprobs=int(logprobs.max()) if (logprobs >= 0).any() else None,
+            seeded_rows=np.flatnonzero(f[:, F_SEEDED]).tolist(),
+            min_tokens_rows=mt_rows, min_tokens=f[mt_rows, F_MIN_TOKENS],
+            blocked_coo=(upload([r for r, _ in coo], torch.int64, dev), upload([t for _, t in coo], torch.int64, dev))
+            if coo else None,
             logit_bias=(upload(bias_rows, torch.int64, dev), upload(bias_ids, torch.int64, dev),
                         upload(bias_vals, torch.float32, dev)) if bias_rows else None,
             allowed=allowed)
@@ -215,13 +230,16 @@ class SamplingRows:
         if d.max_top_k:
             meta.top_k, meta.max_top_k = p[:, TOP_K].long(), d.max_top_k
         if d.any_top_p:
-            meta.top_p = p[:, TOP_P]
+            meta.top_p, meta.top_p_rows = p[:, TOP_P], d.top_p_rows
         if d.any_min_p:
             meta.min_p = p[:, MIN_P]
         if d.any_penalty:
-            meta.penalties = Penalties(p[:, REPETITION:REPETITION + 1], p[:, PRESENCE:PRESENCE + 1],
-                                       p[:, FREQUENCY:FREQUENCY + 1], self.output_counts[:num_rows],
-                                       self.prompt_mask[:num_rows])
+            rows = d.penalty_rows  # only they pay for the penalties' passes over the vocabulary
+            q = p if rows is None else p[rows]
+            counts, mask = ((self.output_counts[:num_rows], self.prompt_mask[:num_rows]) if rows is None
+                            else (self.output_counts[rows], self.prompt_mask[rows]))
+            meta.penalties = Penalties(q[:, REPETITION:REPETITION + 1], q[:, PRESENCE:PRESENCE + 1],
+                                       q[:, FREQUENCY:FREQUENCY + 1], counts, mask, rows)
         if blocked_rows is not None and d.blocked_coo is not None:
             rows, ids = d.blocked_coo
             meta.blocked = (rows, ids, blocked_flags[rows] > 0)  # entries of rows short of min_tokens now

@@ -79,15 +79,18 @@ class Scheduler:
         scheduled: dict[Sequence, int] = {}  # keyed by identity: cheaper than building an id each step
         preempted: list[Sequence] = []
         block_size = self.block_manager.block_size
-        for seq in list(self.running):
-            if seq.status != SequenceStatus.RUNNING:
+        fast_decode = not self.block_manager.enable_prefix_caching
+        running = SequenceStatus.RUNNING
+        for seq in list(self.running):  # the per-sequence loop of every step: the scheduler reads its own
+            if seq.status is not running:  # counters directly (engine/sequence.py)
                 continue  # preempted earlier in this loop
-            if seq.num_tokens >= seq.max_num_tokens:
+            num_tokens, num_computed = seq._num_tokens, seq._num_computed_tokens
+            if num_tokens >= seq.max_num_tokens:
                 continue  # its one uncomputed token is its last: nothing left to compute
-            num_new = min(seq.num_uncomputed_tokens, budget)
+            num_new = min(num_tokens - num_computed, budget)
             if num_new == 0:
                 continue
-            if num_new == 1 and seq.num_computed_tokens % block_size and not self.block_manager.enable_prefix_caching:
+            if num_new == 1 and fast_decode and num_computed % block_size:
                 # Decode fast path: the new token's slot is in the sequence's last, partly filled block.
                 scheduled[seq] = 1
                 budget -= 1
@@ -164,7 +167,6 @@ class Scheduler:
         advances num_computed_tokens)."""
         plan, self._carried = self._carried, SchedulerOutput()
         cached = plan.cached_requests
-        seqs: list[Sequence] = []
         for seq in preempted:
             if seq.in_batch:
                 plan.preempted_req_ids.append(seq.request_id)
@@ -173,27 +175,31 @@ class Scheduler:
             if seq.in_batch and seq not in scheduled:
                 plan.unscheduled_req_ids.append(seq.request_id)
                 seq.in_batch = False
+        cached_ids, cached_computed = cached.req_ids.append, cached.num_computed_tokens.append
+        cached_scheduled, new_blocks = cached.num_scheduled_tokens.append, cached.new_block_ids
         for seq, n in scheduled.items():
-            if not seq.known_to_workers:
-                plan.new_requests.append(NewRequestData(
-                    seq.request_id, seq.token_ids[:seq.num_prompt_tokens], seq.sampling, list(seq.block_table),
-                    seq.num_computed_tokens, n, seq.lora_id))
-                seq.known_to_workers = True
-            elif not seq.in_batch:
-                plan.resumed_requests.append(ResumedRequestData(
-                    seq.request_id, list(seq.block_table), seq.num_computed_tokens, n, seq.output_token_ids,
-                    seq.was_preempted))
-                seq.was_preempted = False
-            else:
-                cached.req_ids.append(seq.request_id)
-                cached.num_computed_tokens.append(seq.num_computed_tokens)
-                cached.num_scheduled_tokens.append(n)
+            if seq.in_batch:  # the usual case: a diff
+                cached_ids(seq.request_id)
+                cached_computed(seq._num_computed_tokens)
+                cached_scheduled(n)
                 if len(seq.block_table) > seq.num_blocks_sent:
-                    cached.new_block_ids[seq.request_id] = seq.block_table[seq.num_blocks_sent:]
-            seq.in_batch = True
-            seq.num_blocks_sent = len(seq.block_table)
-            seqs.append(seq)
+                    new_blocks[seq.request_id] = seq.block_table[seq.num_blocks_sent:]
+                    seq.num_blocks_sent = len(seq.block_table)
+            else:  # a row to add: new to the workers in full, or back after a step outside the batch
+                if not seq.known_to_workers:
+                    plan.new_requests.append(NewRequestData(
+                        seq.request_id, seq.token_ids[:seq.num_prompt_tokens], seq.sampling, list(seq.block_table),
+                        seq.num_computed_tokens, n, seq.lora_id))
+                    seq.known_to_workers = True
+                else:
+                    plan.resumed_requests.append(ResumedRequestData(
+                        seq.request_id, list(seq.block_table), seq.num_computed_tokens, n, seq.output_token_ids,
+                        seq.was_preempted))
+                    seq.was_preempted = False
+                seq.in_batch = True
+                seq.num_blocks_sent = len(seq.block_table)
             advance(seq, n)
+        seqs = list(scheduled)
         plan.finished_req_ids += self._finished_ids
         self._finished_ids = []
         plan.total_num_scheduled_tokens = sum(scheduled.values())

@@ -47,11 +47,13 @@ class Worker:
         cuda = self.device.type == "cuda"
         if cuda:
             torch.cuda.empty_cache()
+        allocated = torch.cuda.memory_allocated if cuda else (lambda: 0)
+        self.earlier = allocated()  # this process's tensors from before (another engine, a benchmark's)
         model = build_model(config.hf_config, config.torch_dtype, self.device, model_dir, config.load_format,
                             config.seed)
-        self.weights = torch.cuda.memory_allocated() if cuda else 0
+        self.weights = allocated() - self.earlier
         self.runner = ModelRunner(config, model, self.device, timer)
-        self.batch_buffers = torch.cuda.memory_allocated() - self.weights if cuda else 0
+        self.batch_buffers = allocated() - self.earlier - self.weights
         self.memory_profile: MemoryProfile | None = None
 
     # ---------------------------------------------------------------- memory and cache
@@ -71,7 +73,7 @@ class Worker:
         runner.bind_cache(scratch)
         runner.run_profile_plan(plan)
         torch.cuda.synchronize()
-        activation_peak = max(0, torch.cuda.max_memory_allocated() - self.weights - self.batch_buffers
+        activation_peak = max(0, torch.cuda.max_memory_allocated() - self.earlier - self.weights - self.batch_buffers
                               - kv_cache_bytes(scratch))
         runner.bind_cache([])
         del scratch
@@ -79,7 +81,8 @@ class Worker:
         non_torch = max(0, device_used() - torch.cuda.memory_reserved())
         graphs = 0 if cfg.enforce_eager else self._trial_graph_bytes()
         self.memory_profile = check_kv_budget(cfg, MemoryProfile(
-            total=torch.cuda.mem_get_info()[1], utilization=cfg.gpu_memory_utilization, weights=self.weights,
+            total=torch.cuda.mem_get_info()[1], utilization=cfg.gpu_memory_utilization, earlier=self.earlier,
+            weights=self.weights,
             batch_buffers=self.batch_buffers, activation_peak=activation_peak, non_torch=non_torch,
             cuda_graphs=graphs))
         log.info("memory profile: %s", self.memory_profile.describe())
@@ -90,8 +93,9 @@ class Worker:
         runner = self.runner
         bs = max(graph_batch_sizes(self.config.max_num_seqs))
         runner.bind_cache(allocate_kv_cache(self.config, 1, self.device))
-        runner.warm_up_graph(bs)  # its transient allocations are cached outside the measured window
+        runner.warm_up_graph(bs)  # compiles and autotunes outside the measured window
         torch.cuda.synchronize()
+        torch.cuda.empty_cache()  # as capturing does: the cache's release must not offset the graph's take
         before = device_used()
         graph = runner.capture_graph(bs)
         torch.cuda.synchronize()
@@ -106,10 +110,7 @@ class Worker:
     def initialize_cache(self, num_blocks: int) -> None:
         self.runner.bind_cache(allocate_kv_cache(self.config, num_blocks, self.device))
         if self.device.type == "cuda" and not self.config.enforce_eager:
-            torch.cuda.synchronize()
-            before = device_used()
-            self.runner.capture_graphs()
-            taken = max(0, device_used() - before)
+            taken = self.runner.capture_graphs()
             profiled = self.memory_profile.cuda_graphs if self.memory_profile else 0
             log.info("CUDA graphs took %.2f GiB (%.2f GiB set aside by the profile); KV cache %d blocks of %.3f MiB",
                      taken / (1 << 30), profiled / (1 << 30), num_blocks, bytes_per_block(self.config) / (1 << 20))

@@ -161,3 +161,39 @@ def test_dummy_load_format_runs():
     llm = LLM("tiny", load_format="dummy", dtype="bfloat16")
     out = llm.generate("Hi", SamplingParams(max_tokens=3, ignore_eos=True), use_tqdm=False)[0]
     assert len(out.outputs[0].token_ids) == 3
+
+
+def test_memory_profile_parts_add_up_to_the_budget():
+    from engine.config import GiB, EngineConfig
+    from engine.kv_cache import MemoryProfile, check_kv_budget
+
+    profile = MemoryProfile(total=80 * GiB, utilization=0.9, earlier=GiB, weights=2 * GiB, batch_buffers=GiB // 2,
+                            activation_peak=3 * GiB, non_torch=GiB, cuda_graphs=GiB // 4)
+    parts = (profile.earlier + profile.weights + profile.batch_buffers + profile.activation_peak + profile.non_torch
+             + profile.cuda_graphs + profile.kv_budget)
+    assert parts == profile.budget == int(72 * GiB)
+    assert "CUDA graphs 0.25 GiB" in profile.describe() and "KV cache 64.25 GiB" in profile.describe()
+    squeezed = MemoryProfile(total=8 * GiB, utilization=0.5, earlier=0, weights=4 * GiB, batch_buffers=0,
+                             activation_peak=GiB, non_torch=0, cuda_graphs=0)
+    with pytest.raises(ValueError, match="gpu_memory_utilization"):
+        check_kv_budget(EngineConfig(model="x", device="cpu"), squeezed)
+
+
+def test_an_id_aborted_and_reused_at_once_gets_only_its_own_tokens(llm):
+    """The step in flight still carries the aborted request's row: its token must not reach the new
+    request of the same id (the core reads a step's tokens against that step's own sequences)."""
+    from engine.messages import CoreRequest
+
+    core = llm.llm_engine.core
+    params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+    first, second = (p["prompt_token_ids"] for p in prompt_ids(seed=7, n=2))
+    expected = llm.generate([{"prompt_token_ids": second}], params, use_tqdm=False)[0].outputs[0].token_ids
+    core.add_request(CoreRequest.from_params("x", first, params, 0.0))
+    core.step()
+    core.step()  # one token read, one in flight
+    core.abort(["x"])
+    core.add_request(CoreRequest.from_params("x", second, params, 0.0))
+    tokens = []
+    while core.has_unfinished_requests():
+        tokens += [t for out in core.step() for t in out.new_token_ids]
+    assert tokens == expected

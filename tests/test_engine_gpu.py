@@ -71,7 +71,8 @@ def test_memory_profile_figures_add_up():
     llm = LLM("tiny", max_model_len=1024, max_num_seqs=64, gpu_memory_utilization=0.5)
     core = llm.llm_engine.core
     profile = core.executor.worker.memory_profile
-    parts = [profile.weights, profile.batch_buffers, profile.activation_peak, profile.non_torch, profile.cuda_graphs]
+    parts = [profile.earlier, profile.weights, profile.batch_buffers, profile.activation_peak, profile.non_torch,
+             profile.cuda_graphs]
     assert all(p >= 0 for p in parts) and profile.activation_peak > 0 and profile.kv_budget > 0
     assert sum(parts) + profile.kv_budget == profile.budget
     assert core.block_manager.num_blocks == profile.kv_budget // bytes_per_block(core.config)

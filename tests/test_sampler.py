@@ -189,3 +189,24 @@ def test_logprobs_are_those_of_the_raw_distribution():
     assert out.logprobs["chosen"].item() == pytest.approx(raw[token].item())
     assert out.logprobs["top_ids"][0].tolist() == [1, 2]
     assert out.logprobs["ranks"].item() == int((raw > raw[token]).sum()) + 1
+
+
+def test_top_p_on_some_rows_cuts_only_those():
+    logits = torch.cat([log_probs(0.5, 0.3, 0.15, 0.05)] * 3)
+    samplings = [RequestSampling(temperature=1.0, top_p=0.7), RequestSampling(temperature=1.0),
+                 RequestSampling(temperature=1.0, top_p=0.4)]
+    meta = metadata(state(samplings, 4), 3)
+    assert meta.top_p_rows.tolist() == [0, 2]  # the sort covers the rows with a cut only
+    out = apply_top_p(logits.clone(), meta.top_p, meta.top_p_rows)
+    assert kept(out) == [[0, 1], [0, 1, 2, 3], [0]]
+
+
+def test_penalties_on_some_rows_leave_the_others_exact():
+    logits = torch.tensor([[2.0, -1.0, 0.5], [2.0, -1.0, 0.5], [2.0, -1.0, 0.5]])
+    samplings = [RequestSampling(temperature=1.0), RequestSampling(temperature=1.0, repetition_penalty=2.0),
+                 RequestSampling(temperature=1.0)]
+    rows = state(samplings, 3, prompts=[[0], [0], [0]], outputs=[[1], [1], [1]])
+    pen = metadata(rows, 3).penalties
+    assert pen.rows.tolist() == [1]
+    out = apply_penalties(logits.clone(), pen)
+    assert out.tolist() == [[2.0, -1.0, 0.5], [1.0, -2.0, 0.5], [2.0, -1.0, 0.5]]
