@@ -164,7 +164,7 @@ def test_dummy_load_format_runs():
 
 
 def test_memory_profile_parts_add_up_to_the_budget():
-    from engine.config import GiB, EngineConfig
+    from engine.config import EngineConfig, GiB
     from engine.kv_cache import MemoryProfile, check_kv_budget
 
     profile = MemoryProfile(total=80 * GiB, utilization=0.9, earlier=GiB, weights=2 * GiB, batch_buffers=GiB // 2,

@@ -14,9 +14,17 @@ from engine.input_batch import InputBatch, RequestState, apply_plan
 from engine.messages import TokenLogprobs
 from engine.sampling_metadata import TEMPERATURE
 from engine.scheduler import Scheduler
-from engine.scheduler_output import (CachedRequestData, ModelRunnerOutput, NewRequestData, RequestSampling,
-                                     ResumedRequestData, SchedulerOutput, decode_model_runner_output,
-                                     decode_scheduler_output, encode)
+from engine.scheduler_output import (
+    CachedRequestData,
+    ModelRunnerOutput,
+    NewRequestData,
+    RequestSampling,
+    ResumedRequestData,
+    SchedulerOutput,
+    decode_model_runner_output,
+    decode_scheduler_output,
+    encode,
+)
 from engine.sequence import SequenceStatus
 from tests.test_block_manager import FakeConfig, make_seq
 

@@ -9,8 +9,15 @@ import numpy as np
 import pytest
 import torch
 
-from engine.sampler import (Sampler, apply_min_p, apply_penalties, apply_top_k, apply_top_p, make_generator,
-                            process_logits)
+from engine.sampler import (
+    Sampler,
+    apply_min_p,
+    apply_penalties,
+    apply_top_k,
+    apply_top_p,
+    make_generator,
+    process_logits,
+)
 from engine.sampling_metadata import SamplingRows
 from engine.scheduler_output import RequestSampling
 
