@@ -54,11 +54,11 @@ class Sampler:
         temperature = torch.where(meta.greedy, 1.0, meta.temperature)  # greedy rows take greedy_tokens
         logits.div_(temperature.unsqueeze(1))
         if meta.min_p is not None:
-            apply_min_p(logits, meta.min_p)
+            on_rows(apply_min_p, logits, meta.min_p_rows, meta.min_p)
         if meta.top_k is not None:
-            apply_top_k(logits, meta.top_k, meta.max_top_k)
+            on_rows(apply_top_k, logits, meta.top_k_rows, meta.top_k, meta.max_top_k)
         if meta.top_p is not None:
-            apply_top_p(logits, meta.top_p, meta.top_p_rows)
+            on_rows(apply_top_p, logits, meta.top_p_rows, meta.top_p)
         tokens = exponential_race(logits.softmax(dim=-1), self.generator, meta.generators)
         return tokens if greedy_tokens is None else torch.where(meta.greedy, greedy_tokens, tokens)
 
@@ -98,6 +98,14 @@ def penalised(logits: torch.Tensor, pen: Penalties) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------- cuts (on tempered logits, in place)
+def on_rows(cut, logits: torch.Tensor, rows: torch.Tensor | None, values: torch.Tensor, *args) -> torch.Tensor:
+    """Apply a cut to the listed rows only (all rows when `rows` is None)."""
+    if rows is None:
+        return cut(logits, values, *args)
+    logits[rows] = cut(logits[rows], values[rows], *args)
+    return logits
+
+
 def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
     """Drop tokens whose probability is below min_p times the most likely one's: in logit space,
     below max + log(min_p) (min_p = 0 keeps everything), so no softmax is needed."""
@@ -115,13 +123,9 @@ def apply_top_k(logits: torch.Tensor, k: torch.Tensor, max_k: int) -> torch.Tens
     return logits.masked_fill_(logits < kth, NEG_INF)
 
 
-def apply_top_p(logits: torch.Tensor, p: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+def apply_top_p(logits: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     """Keep the smallest set of most likely tokens whose probability reaches p (at least one), and
-    their ties. p = 1 keeps everything (rounding in the cumulative sum must not drop the tail).
-    `rows`: only these rows have a cut (the sort, the costly part, then covers only them)."""
-    if rows is not None:
-        logits[rows] = apply_top_p(logits[rows], p[rows])
-        return logits
+    their ties. p = 1 keeps everything (rounding in the cumulative sum must not drop the tail)."""
     probs = logits.softmax(dim=-1)
     sorted_probs = probs.sort(dim=-1, descending=True).values
     mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs

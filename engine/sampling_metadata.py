@@ -61,11 +61,15 @@ class SamplingMetadata:
     greedy: torch.Tensor  # [rows] bool
     all_greedy: bool
     all_random: bool
+    # The cuts: per-row values, and the rows that have the cut when not all of them do (the cut then
+    # runs on those rows only: each costs passes over the vocabulary, top-p a sort)
     top_k: torch.Tensor | None = None  # [rows] int64, <= 0 for rows without a cut
+    top_k_rows: torch.Tensor | None = None
     max_top_k: int = 0
     top_p: torch.Tensor | None = None
-    top_p_rows: torch.Tensor | None = None  # the rows with a top-p cut, when not all of them (it sorts)
+    top_p_rows: torch.Tensor | None = None
     min_p: torch.Tensor | None = None
+    min_p_rows: torch.Tensor | None = None
     penalties: Penalties | None = None
     logit_bias: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # rows, token ids, values
     allowed: tuple[torch.Tensor, torch.Tensor] | None = None  # rows, [len(rows), vocab] bool mask
@@ -87,11 +91,15 @@ class _Derived:
     all_greedy: bool
     all_random: bool
     max_top_k: int
+    # For each cut and the penalties: whether any row has it, and which rows do (None: all of them)
+    any_top_k: bool
+    top_k_rows: torch.Tensor | None
     any_top_p: bool
-    top_p_rows: torch.Tensor | None  # None: every row, or none
+    top_p_rows: torch.Tensor | None
     any_min_p: bool
+    min_p_rows: torch.Tensor | None
     any_penalty: bool
-    penalty_rows: torch.Tensor | None  # None: every row, or none
+    penalty_rows: torch.Tensor | None
     max_num_logprobs: int | None
     seeded_rows: list[int]
     min_tokens_rows: np.ndarray  # rows with min_tokens > 0
@@ -191,15 +199,20 @@ class SamplingRows:
         mt_rows = np.flatnonzero(f[:, F_MIN_TOKENS])
         coo = [(row, t) for row in mt_rows.tolist() for t in reqs[row].min_tokens_stop_ids]
         logprobs = f[:, F_LOGPROBS]
-        top_p_rows = np.flatnonzero(p[:, TOP_P] < 1.0)
-        penalty_rows = np.flatnonzero(f[:, F_PENALTY])
+
+        def subset(mask: np.ndarray) -> tuple[bool, torch.Tensor | None]:
+            rows = np.flatnonzero(mask)
+            return bool(len(rows)), upload(rows, torch.int64, dev) if 0 < len(rows) < num_rows else None
+
+        any_top_k, top_k_rows = subset(top_k > 0)
+        any_top_p, top_p_rows = subset(p[:, TOP_P] < 1.0)
+        any_min_p, min_p_rows = subset(p[:, MIN_P] > 0.0)
+        any_penalty, penalty_rows = subset(f[:, F_PENALTY] > 0)
         return _Derived(
             all_greedy=bool(greedy.all()), all_random=not bool(greedy.any()),
-            max_top_k=int(top_k.max()) if (top_k > 0).any() else 0,
-            any_top_p=bool(len(top_p_rows)), any_min_p=bool((p[:, MIN_P] > 0.0).any()),
-            top_p_rows=upload(top_p_rows, torch.int64, dev) if 0 < len(top_p_rows) < num_rows else None,
-            any_penalty=bool(len(penalty_rows)),
-            penalty_rows=upload(penalty_rows, torch.int64, dev) if 0 < len(penalty_rows) < num_rows else None,
+            max_top_k=int(top_k.max()) if any_top_k else 0, any_top_k=any_top_k, top_k_rows=top_k_rows,
+            any_top_p=any_top_p, top_p_rows=top_p_rows, any_min_p=any_min_p, min_p_rows=min_p_rows,
+            any_penalty=any_penalty, penalty_rows=penalty_rows,
             max_num_logprobs=int(logprobs.max()) if (logprobs >= 0).any() else None,
             seeded_rows=np.flatnonzero(f[:, F_SEEDED]).tolist(),
             min_tokens_rows=mt_rows, min_tokens=f[mt_rows, F_MIN_TOKENS],
@@ -227,12 +240,12 @@ class SamplingRows:
         meta = SamplingMetadata(num_rows=num_rows, temperature=p[:, TEMPERATURE], greedy=p[:, GREEDY] > 0,
                                 all_greedy=d.all_greedy, all_random=d.all_random, logit_bias=d.logit_bias,
                                 allowed=d.allowed, max_num_logprobs=d.max_num_logprobs)
-        if d.max_top_k:
-            meta.top_k, meta.max_top_k = p[:, TOP_K].long(), d.max_top_k
+        if d.any_top_k:
+            meta.top_k, meta.top_k_rows, meta.max_top_k = p[:, TOP_K].long(), d.top_k_rows, d.max_top_k
         if d.any_top_p:
             meta.top_p, meta.top_p_rows = p[:, TOP_P], d.top_p_rows
         if d.any_min_p:
-            meta.min_p = p[:, MIN_P]
+            meta.min_p, meta.min_p_rows = p[:, MIN_P], d.min_p_rows
         if d.any_penalty:
             rows = d.penalty_rows  # only they pay for the penalties' passes over the vocabulary
             q = p if rows is None else p[rows]

@@ -16,6 +16,7 @@ from engine.sampler import (
     apply_top_k,
     apply_top_p,
     make_generator,
+    on_rows,
     process_logits,
 )
 from engine.sampling_metadata import SamplingRows
@@ -198,14 +199,18 @@ def test_logprobs_are_those_of_the_raw_distribution():
     assert out.logprobs["ranks"].item() == int((raw > raw[token]).sum()) + 1
 
 
-def test_top_p_on_some_rows_cuts_only_those():
+def test_cuts_on_some_rows_cut_only_those():
     logits = torch.cat([log_probs(0.5, 0.3, 0.15, 0.05)] * 3)
-    samplings = [RequestSampling(temperature=1.0, top_p=0.7), RequestSampling(temperature=1.0),
+    samplings = [RequestSampling(temperature=1.0, top_p=0.7, min_p=0.2), RequestSampling(temperature=1.0, top_k=1),
                  RequestSampling(temperature=1.0, top_p=0.4)]
     meta = metadata(state(samplings, 4), 3)
     assert meta.top_p_rows.tolist() == [0, 2]  # the sort covers the rows with a cut only
-    out = apply_top_p(logits.clone(), meta.top_p, meta.top_p_rows)
-    assert kept(out) == [[0, 1], [0, 1, 2, 3], [0]]
+    assert meta.min_p_rows.tolist() == [0] and meta.top_k_rows.tolist() == [1]
+    assert kept(on_rows(apply_top_p, logits.clone(), meta.top_p_rows, meta.top_p)) == [[0, 1], [0, 1, 2, 3], [0]]
+    assert kept(on_rows(apply_min_p, logits.clone(), meta.min_p_rows, meta.min_p)) == [[0, 1, 2], [0, 1, 2, 3]] + \
+        [[0, 1, 2, 3]]
+    assert kept(on_rows(apply_top_k, logits.clone(), meta.top_k_rows, meta.top_k, meta.max_top_k)) == \
+        [[0, 1, 2, 3], [0], [0, 1, 2, 3]]
 
 
 def test_penalties_on_some_rows_leave_the_others_exact():
