@@ -179,35 +179,17 @@ class SamplingRows:
 
     def _derive(self, num_rows: int) -> _Derived:
         p, f = self.params[:num_rows], self.features[:num_rows]
-        reqs = self.requests
-        greedy = p[:, GREEDY] > 0
-        top_k = p[:, TOP_K]
-        dev = self.device
-        bias_rows, bias_ids, bias_vals = [], [], []
-        for row in np.flatnonzero(f[:, F_BIAS]).tolist():
-            bias = reqs[row].logit_bias
-            bias_rows += [row] * len(bias)
-            bias_ids += list(bias)
-            bias_vals += list(bias.values())
-        allowed = None
-        allowed_rows = np.flatnonzero(f[:, F_ALLOWED]).tolist()
-        if allowed_rows:
-            flat = [(i, t) for i, row in enumerate(allowed_rows) for t in reqs[row].allowed_token_ids]
-            mask = torch.zeros(len(allowed_rows), self.vocab_size, dtype=torch.bool, device=dev)
-            mask[upload([i for i, _ in flat], torch.int64, dev), upload([t for _, t in flat], torch.int64, dev)] = True
-            allowed = (upload(allowed_rows, torch.int64, dev), mask)
-        mt_rows = np.flatnonzero(f[:, F_MIN_TOKENS])
-        coo = [(row, t) for row in mt_rows.tolist() for t in reqs[row].min_tokens_stop_ids]
-        logprobs = f[:, F_LOGPROBS]
+        greedy, top_k, logprobs = p[:, GREEDY] > 0, p[:, TOP_K], f[:, F_LOGPROBS]
 
         def subset(mask: np.ndarray) -> tuple[bool, torch.Tensor | None]:
             rows = np.flatnonzero(mask)
-            return bool(len(rows)), upload(rows, torch.int64, dev) if 0 < len(rows) < num_rows else None
+            return bool(len(rows)), upload(rows, torch.int64, self.device) if 0 < len(rows) < num_rows else None
 
         any_top_k, top_k_rows = subset(top_k > 0)
         any_top_p, top_p_rows = subset(p[:, TOP_P] < 1.0)
         any_min_p, min_p_rows = subset(p[:, MIN_P] > 0.0)
         any_penalty, penalty_rows = subset(f[:, F_PENALTY] > 0)
+        mt_rows = np.flatnonzero(f[:, F_MIN_TOKENS])
         return _Derived(
             all_greedy=bool(greedy.all()), all_random=not bool(greedy.any()),
             max_top_k=int(top_k.max()) if any_top_k else 0, any_top_k=any_top_k, top_k_rows=top_k_rows,
@@ -216,11 +198,28 @@ class SamplingRows:
             max_num_logprobs=int(logprobs.max()) if (logprobs >= 0).any() else None,
             seeded_rows=np.flatnonzero(f[:, F_SEEDED]).tolist(),
             min_tokens_rows=mt_rows, min_tokens=f[mt_rows, F_MIN_TOKENS],
-            blocked_coo=(upload([r for r, _ in coo], torch.int64, dev), upload([t for _, t in coo], torch.int64, dev))
-            if coo else None,
-            logit_bias=(upload(bias_rows, torch.int64, dev), upload(bias_ids, torch.int64, dev),
-                        upload(bias_vals, torch.float32, dev)) if bias_rows else None,
-            allowed=allowed)
+            blocked_coo=self._entries(mt_rows, lambda r: dict.fromkeys(r.min_tokens_stop_ids, 0.0), values=False),
+            logit_bias=self._entries(np.flatnonzero(f[:, F_BIAS]), lambda r: r.logit_bias),
+            allowed=self._allowed_mask(np.flatnonzero(f[:, F_ALLOWED])))
+
+    def _entries(self, rows: np.ndarray, entries_of, values: bool = True) -> tuple | None:
+        """(row, token id[, value]) entries of the listed rows as device tensors; None if none."""
+        flat = [(row, t, v) for row in rows.tolist() for t, v in entries_of(self.requests[row]).items()]
+        if not flat:
+            return None
+        dev = self.device
+        rows_t, ids_t = upload([e[0] for e in flat], torch.int64, dev), upload([e[1] for e in flat], torch.int64, dev)
+        return (rows_t, ids_t, upload([e[2] for e in flat], torch.float32, dev)) if values else (rows_t, ids_t)
+
+    def _allowed_mask(self, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The listed rows and a [len(rows), vocab] mask of the ids each may sample."""
+        if not len(rows):
+            return None
+        flat = [(i, t) for i, row in enumerate(rows.tolist()) for t in self.requests[row].allowed_token_ids]
+        dev = self.device
+        mask = torch.zeros(len(rows), self.vocab_size, dtype=torch.bool, device=dev)
+        mask[upload([i for i, _ in flat], torch.int64, dev), upload([t for _, t in flat], torch.int64, dev)] = True
+        return upload(rows, torch.int64, dev), mask
 
     def blocked_rows(self, num_output_tokens: np.ndarray) -> np.ndarray | None:
         """Rows (of those with min_tokens) still short of it this step, given each row's output count."""
