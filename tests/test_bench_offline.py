@@ -98,6 +98,21 @@ def test_throughput_prefix_repeat_with_caching_and_profile(tmp_path):
     trace = tmp_path / "prefix.trace.json"
     assert result.extra["profile"]["trace"] == str(trace) and result.extra["profile"]["steps"] >= 1
     assert json.loads(trace.read_text())["traceEvents"]
+    steps = result.extra["step_profile"]  # the host time of the timed run's steps, by phase
+    assert steps["steps"] >= result.metrics["num_steps"]
+    assert set(steps["ms_per_step"]) == {"schedule", "prepare", "forward", "sample", "wait", "output", "frontend"}
+    assert sum(steps["ms_per_step"].values()) == pytest.approx(steps["measured_ms_per_step"])
+    assert 0 < steps["measured_ms_per_step"] <= steps["wall_ms_per_step"] * steps["steps"] / result.metrics["num_steps"]
+    assert "host time per engine step" in r.output
+
+
+def test_throughput_sampling_mix_keeps_exact_token_counts(tmp_path):
+    out = tmp_path / "mix.json"
+    r = invoke("throughput", *SMALL_ENGINE, "--input-len", "12", "--output-len", "5", "--num-prompts", "8",
+               "--sampling-mix", "--output-json", str(out))
+    assert r.exit_code == 0, r.output
+    result = BenchResult.load(out)
+    assert result.metrics["total_output_tokens"] == 8 * 5 and result.config["sampling_mix"] is True
 
 
 def test_latency_sweep(tmp_path):
