@@ -197,3 +197,29 @@ def test_an_id_aborted_and_reused_at_once_gets_only_its_own_tokens(llm):
     while core.has_unfinished_requests():
         tokens += [t for out in core.step() for t in out.new_token_ids]
     assert tokens == expected
+
+
+def test_each_step_launches_before_the_previous_tokens_are_read(llm, monkeypatch):
+    """The one-step overlap: step N+1 is launched (its decode input gathered from step N's output on
+    the device) before the host reads step N's tokens; stops are found one step late."""
+    from engine.model_runner import PendingOutput
+
+    runner, events = llm.llm_engine.runner, []
+    launch, read = runner.execute_model, PendingOutput.result
+
+    def execute_model(plan):
+        pending = launch(plan)
+        pending.step_number = sum(1 for e in events if e[0] == "launch") + 1
+        events.append(("launch", pending.step_number))
+        return pending
+
+    def result(self):
+        events.append(("read", self.step_number))
+        return read(self)
+
+    monkeypatch.setattr(runner, "execute_model", execute_model)
+    monkeypatch.setattr(PendingOutput, "result", result)
+    out = llm.generate(prompt_ids(n=1), SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True), use_tqdm=False)
+    assert len(out[0].outputs[0].token_ids) == 5
+    for k in range(1, 5):  # steps 1..4 sample tokens 1..4; token 5 ends the request by length
+        assert events.index(("launch", k + 1)) < events.index(("read", k)), events
