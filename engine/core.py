@@ -94,6 +94,7 @@ class EngineCore:
             min_p=params.min_p, presence_penalty=params.presence_penalty, frequency_penalty=params.frequency_penalty,
             repetition_penalty=params.repetition_penalty, seed=params.seed, min_tokens=params.min_tokens,
             min_tokens_stop_ids=sorted(stop_ids) if params.min_tokens else [], logprobs=params.logprobs,
+            prompt_logprobs=params.prompt_logprobs,
             logit_bias=params.logit_bias or None, allowed_token_ids=params.allowed_token_ids or None)
         max_tokens = params.max_tokens if params.max_tokens is not None else self.config.max_model_len
         prompt = request.prompt_token_ids
@@ -119,8 +120,9 @@ class EngineCore:
             bad = [t for t in getattr(params, name) or () if not 0 <= t < vocab]
             if bad:
                 raise ValueError(f"{name} must hold token ids in [0, {vocab}); got {bad[0]}")
-        if params.prompt_logprobs is not None:
-            raise ValueError("prompt_logprobs is not supported by this engine yet")
+        if params.prompt_logprobs is not None and params.prompt_logprobs > self.config.max_logprobs:
+            raise ValueError(f"prompt_logprobs={params.prompt_logprobs} exceeds max_logprobs "
+                             f"({self.config.max_logprobs})")
 
     def abort(self, request_ids: list[str], reason: str = "abort") -> None:
         for rid in request_ids:

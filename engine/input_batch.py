@@ -37,6 +37,7 @@ class RequestState:
     sampling: RequestSampling
     generator: torch.Generator | None
     lora_id: int = 0
+    num_prompt_scored: int = 0  # prompt positions scored so far (prompt_logprobs; engine/prompt_logprobs.py)
 
 
 def host_array(shape, dtype: torch.dtype, pin_memory: bool) -> tuple[torch.Tensor, np.ndarray]:

@@ -26,7 +26,15 @@ from engine.config import EngineConfig
 from engine.input_batch import InputBatch, RequestState, apply_plan, host_array
 from engine.layers.attention import AttentionMetadata
 from engine.messages import TokenLogprobs
+from engine.prompt_logprobs import (
+    PromptRows,
+    TokenScores,
+    prompt_logprobs_by_request,
+    score_prompt_rows,
+    select_prompt_rows,
+)
 from engine.sampler import Sampler, SamplerOutput
+from engine.sampling_metadata import F_PROMPT_LOGPROBS
 from engine.scheduler_output import (
     ModelRunnerOutput,
     NewRequestData,
@@ -90,6 +98,8 @@ class StepInputs:
     blocked_rows: np.ndarray | None  # rows still short of min_tokens
     blocked_flags: torch.Tensor | None
     graph_size: int | None  # the CUDA graph that runs this step
+    prompt_rows: list[PromptRows]  # rows that score prompt tokens (requests with prompt_logprobs)
+    prompt_scores: TokenScores | None = None  # their scores, once the model ran
 
 
 class PendingOutput:
@@ -97,13 +107,18 @@ class PendingOutput:
     step's device work, so the engine can launch the next step before it waits for them."""
 
     def __init__(self, req_ids: list[str], samples: np.ndarray, out: SamplerOutput | None,
-                 num_logprobs: list[int | None] | None, timer: StepTimer):
+                 num_logprobs: list[int | None] | None, timer: StepTimer, prompt_rows: list[PromptRows] = (),
+                 prompt_scores: TokenScores | None = None):
         self.req_ids = req_ids
         self.samples = samples
         self.num_logprobs = num_logprobs
         self.timer = timer
+        self.prompt_rows = prompt_rows
         self._ready = None
         host = {} if out is None else {"tokens": out.tokens, **(out.logprobs or {})}
+        if prompt_scores is not None:
+            host.update(prompt_logprobs=prompt_scores.logprobs, prompt_ranks=prompt_scores.ranks,
+                        prompt_top_ids=prompt_scores.top_ids, prompt_top_logprobs=prompt_scores.top_logprobs)
         if out is not None and out.tokens.device.type == "cuda":
             host = {k: torch.empty(v.shape, dtype=v.dtype, pin_memory=True).copy_(v, non_blocking=True)
                     for k, v in host.items()}
@@ -122,7 +137,14 @@ class PendingOutput:
             sampled = [[t] for t in tokens]
         else:
             sampled = [[t] if s else [] for t, s in zip(tokens, self.samples.tolist())]
-        return ModelRunnerOutput(self.req_ids, sampled, self._logprobs(sampled))
+        return ModelRunnerOutput(self.req_ids, sampled, self._logprobs(sampled), self._prompt_logprobs())
+
+    def _prompt_logprobs(self) -> dict[str, list[TokenLogprobs]] | None:
+        if "prompt_logprobs" not in self._host:
+            return None
+        h = self._host
+        return prompt_logprobs_by_request(self.prompt_rows, h["prompt_logprobs"].tolist(), h["prompt_ranks"].tolist(),
+                                          h["prompt_top_ids"].tolist(), h["prompt_top_logprobs"].tolist())
 
     def _logprobs(self, sampled: list[list[int]]) -> list[list[TokenLogprobs]] | None:
         if "chosen" not in self._host:
@@ -192,7 +214,8 @@ class ModelRunner:
         batch.mark_sampled(self._step, inputs.samples)
         self._prev_tokens = out.tokens
         num_logprobs = [r.logprobs for r in batch.sampling.requests[:rows]] if out.logprobs is not None else None
-        pending = PendingOutput(batch.req_ids[:rows], inputs.samples, out, num_logprobs, self.timer)
+        pending = PendingOutput(batch.req_ids[:rows], inputs.samples, out, num_logprobs, self.timer,
+                                inputs.prompt_rows, inputs.prompt_scores)
         self.timer.lap("sample")
         return pending
 
@@ -214,6 +237,9 @@ class ModelRunner:
             hidden = self.graph_hidden[:inputs.num_rows]
         else:
             hidden = self.model(inputs.input_ids, inputs.positions, inputs.meta)
+        if inputs.prompt_rows:
+            inputs.prompt_scores = score_prompt_rows(self.model.compute_logits, hidden, inputs.prompt_rows,
+                                                     self.vocab_size)
         if inputs.logits_indices is not None:
             hidden = hidden[inputs.logits_indices]
         logits = self.model.compute_logits(hidden)
@@ -294,7 +320,22 @@ class ModelRunner:
             rows, num_tokens, self._num_decodes, input_ids[:num_tokens], s64.dev("positions", num_tokens), meta,
             None if num_tokens == rows else s64.dev("logits_indices", rows), samples,
             None if all_sample else s32.dev("samples", rows), blocked,
-            None if blocked is None else s32.dev("blocked", rows), graph)
+            None if blocked is None else s32.dev("blocked", rows), graph, self._prompt_rows(start, n, cu))
+
+    def _prompt_rows(self, start: np.ndarray, n: np.ndarray, cu: np.ndarray) -> list[PromptRows]:
+        """The step's rows that score prompt tokens (rows of requests with prompt_logprobs only)."""
+        batch = self.batch
+        asked = np.flatnonzero(batch.sampling.features[:batch.num_rows, F_PROMPT_LOGPROBS] >= 0)
+        rows = []
+        for row in asked.tolist():
+            req = self.requests[batch.req_ids[row]]
+            first, end = int(start[row]), int(start[row] + n[row])
+            selected = select_prompt_rows(req.req_id, req.prompt_token_ids, req.num_prompt_scored, first, end,
+                                          int(cu[row]), req.sampling.prompt_logprobs)
+            if selected is not None:
+                rows.append(selected)
+                req.num_prompt_scored = min(end, len(req.prompt_token_ids) - 1)
+        return rows
 
     def _graph_size(self, rows: int, num_tokens: int) -> int | None:
         if not self.graphs or num_tokens != rows or self._num_decodes != rows or rows > max(self.graphs):

@@ -43,6 +43,10 @@ class OutputHandler:
         outcome = StepOutcome()
         logprobs = result.logprobs
         get = requests.get
+        for rid, scored in (result.prompt_logprobs or {}).items():  # before the first token they precede
+            seq = get(rid)
+            if seq is not None and seq.prompt_logprobs is not None:
+                seq.prompt_logprobs += scored
         finished = SequenceStatus.FINISHED
         for i, (rid, tokens) in enumerate(zip(result.req_ids, result.sampled_token_ids)):
             if not tokens:
@@ -78,6 +82,8 @@ class OutputHandler:
         assert len(token_ids) <= seq.num_tokens, f"request {seq.request_id} got a token it was not scheduled for"
         out = CoreOutput(seq.request_id, tokens if taken == len(tokens) else tokens[:taken],
                          num_cached_tokens=seq.num_cached_tokens if first else 0)
+        if first and seq.prompt_logprobs is not None:  # complete: the prompt's last chunk came with this token
+            out.prompt_logprobs = seq.prompt_logprobs
         if logprobs and seq.params.logprobs is not None:
             out.logprobs = logprobs[:taken]
         outcome.num_generated += taken

@@ -2,56 +2,57 @@
 the first, the logprob and rank of the actual prompt token under the model's distribution at the
 position before it, plus the top-N (ids, logprobs). Position 0 has none (vLLM reports None).
 
-How the rows are found. A prompt may be computed over several steps (chunked prefill); each step's
-chunk [start, end) has hidden rows for those positions, and the row at position q predicts the token
-at q + 1. So a chunk scores the prompt tokens at positions start + 1 .. min(end, P - 1), where P is
-the prompt length (the row at P - 1 predicts the first generated token: that one is sampled, not
-scored). `Sequence.prompt_logprobs` holds what is scored so far, so a sequence that is preempted and
-recomputed does not score its prompt twice.
+How the rows are found (in the worker, from its persistent batch). A prompt may be computed over
+several steps (chunked prefill); each step's chunk [start, end) has hidden rows for those positions,
+and the row at position q predicts the token at q + 1. So a chunk scores the prompt tokens at
+positions start + 1 .. min(end, P - 1), where P is the prompt length (the row at P - 1 predicts the
+first generated token: that one is sampled, not scored). The worker's record of the request counts
+the positions scored so far, so a request that is preempted and recomputed does not score its
+prompt twice.
 
 Prefix caching: positions served from the cache have no hidden rows. As vLLM v1 does, a request that
 asks for prompt logprobs does not read the prefix cache (the scheduler skips the lookup for it) and
 computes its whole prompt; its blocks are still registered for others to share.
 
 The work: one vocabulary projection per scored row, in slices of rows so that the float32 logits of
-a long prompt never sit whole in memory. The results are read to the host in the step that computed
-them (a device sync on steps that carry scored rows only; the hot decode path never has any).
+a long prompt never sit whole in memory. The scores travel to the host with the step's sampled
+tokens (the same asynchronous copy), and the core hands them out with the request's first token.
 """
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from engine.messages import TokenLogprobs
-from engine.sequence import Sequence
+from engine.sampling_metadata import upload
 
 LOGITS_ELEMENTS_PER_SLICE = 1 << 25  # 128 MiB of float32 logits at a time
 
 
 @dataclass
 class PromptRows:
-    """One sequence's scored rows in a step's flat hidden states."""
-    seq: Sequence
+    """One request's scored rows in a step's flat hidden states."""
+    req_id: str
     first_row: int  # row in the step's flat batch
     target_ids: list[int]  # the prompt tokens those rows predict, in order
+    num_top: int  # the request's prompt_logprobs
 
 
-def select_prompt_rows(seq: Sequence, start: int, end: int, first_row: int) -> PromptRows | None:
+def select_prompt_rows(req_id: str, prompt_token_ids: np.ndarray, num_scored: int, start: int, end: int,
+                       first_row: int, num_top: int) -> PromptRows | None:
     """The rows of a chunk computing positions [start, end), flat from `first_row`, that score prompt
-    tokens not scored yet; None when the request did not ask or the chunk has none."""
-    if seq.prompt_logprobs is None:  # not asked for
-        return None
-    stop = min(end, seq.num_prompt_tokens - 1)
-    scored = len(seq.prompt_logprobs)  # rows at positions before this were scored in an earlier step
-    begin = max(start, scored)
+    tokens not scored yet (`num_scored` of them are); None when the chunk has none."""
+    stop = min(end, len(prompt_token_ids) - 1)
+    begin = max(start, num_scored)
     if begin >= stop:
         return None
-    if start > scored:
-        raise RuntimeError(f"request {seq.request_id}: prompt positions {scored}..{start - 1} were never computed "
+    if start > num_scored:
+        raise RuntimeError(f"request {req_id}: prompt positions {num_scored}..{start - 1} were never computed "
                            "(prompt logprobs need every prompt row; was the prefix cache read?)")
-    return PromptRows(seq, first_row + begin - start, seq.token_ids[begin + 1:stop + 1])
+    return PromptRows(req_id, first_row + begin - start, prompt_token_ids[begin + 1:stop + 1].tolist(), num_top)
 
 
 @dataclass
@@ -83,20 +84,22 @@ def score_tokens(compute_logits: Callable[[torch.Tensor], torch.Tensor], hidden:
 
 
 def score_prompt_rows(compute_logits, hidden: torch.Tensor, rows: list[PromptRows], vocab_size: int) -> TokenScores:
-    """Score every selected row of a step at once (the largest top-N asked for)."""
-    index = torch.cat([torch.arange(r.first_row, r.first_row + len(r.target_ids)) for r in rows]).to(hidden.device)
-    targets = torch.tensor([t for r in rows for t in r.target_ids], device=hidden.device)
-    num_top = max(r.seq.params.prompt_logprobs for r in rows)
-    return score_tokens(compute_logits, hidden[index], targets, num_top, vocab_size)
+    """Score every selected row of a step at once (the largest top-N asked for). The row indices and
+    targets go up as one-time pinned copies: nothing here waits for the device."""
+    index = np.concatenate([np.arange(r.first_row, r.first_row + len(r.target_ids)) for r in rows])
+    index = upload(index, torch.int64, hidden.device)
+    targets = upload([t for r in rows for t in r.target_ids], torch.int64, hidden.device)
+    return score_tokens(compute_logits, hidden[index], targets, max(r.num_top for r in rows), vocab_size)
 
 
-def record_prompt_logprobs(rows: list[PromptRows], scores: TokenScores) -> None:
-    """Read the scores to the host and append each sequence's share, cut to its own top-N."""
-    logprobs, ranks = scores.logprobs.tolist(), scores.ranks.tolist()
-    top_ids, top_logprobs = scores.top_ids.tolist(), scores.top_logprobs.tolist()
-    i = 0
+def prompt_logprobs_by_request(rows: list[PromptRows], logprobs: list[float], ranks: list[int],
+                               top_ids: list[list[int]], top_logprobs: list[list[float]]) -> dict[str, list]:
+    """The scores read back (as lists), per request, each cut to its own top-N."""
+    out, i = {}, 0
     for r in rows:
-        k = r.seq.params.prompt_logprobs
+        k = r.num_top
+        scored = out.setdefault(r.req_id, [])
         for _ in r.target_ids:
-            r.seq.prompt_logprobs.append(TokenLogprobs(logprobs[i], ranks[i], top_ids[i][:k], top_logprobs[i][:k]))
+            scored.append(TokenLogprobs(logprobs[i], ranks[i], top_ids[i][:k], top_logprobs[i][:k]))
             i += 1
+    return out

@@ -29,8 +29,8 @@ _DEFAULT_ROW = (1.0, 1.0, -1.0, 0.0, 1.0, 0.0, 0.0, 0.0)
 GREEDY_EPS = 1e-5
 # Columns of the host-only per-row feature table: what the sampler's paths depend on, as numbers, so
 # that a membership change decides them with numpy rather than a loop over the rows.
-F_PENALTY, F_BIAS, F_ALLOWED, F_MIN_TOKENS, F_LOGPROBS, F_SEEDED = range(6)
-_NO_FEATURES = (0, 0, 0, 0, -1, 0)
+F_PENALTY, F_BIAS, F_ALLOWED, F_MIN_TOKENS, F_LOGPROBS, F_SEEDED, F_PROMPT_LOGPROBS = range(7)
+_NO_FEATURES = (0, 0, 0, 0, -1, 0, -1)
 
 
 def upload(values, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -134,7 +134,8 @@ class SamplingRows:
                             float(greedy))
         self.features[row] = (sampling.has_penalty, bool(sampling.logit_bias), bool(sampling.allowed_token_ids),
                               sampling.min_tokens if sampling.min_tokens_stop_ids else 0,
-                              -1 if sampling.logprobs is None else sampling.logprobs, generator is not None)
+                              -1 if sampling.logprobs is None else sampling.logprobs, generator is not None,
+                              -1 if sampling.prompt_logprobs is None else sampling.prompt_logprobs)
         self.requests[row] = sampling
         self.generators[row] = generator
         if sampling.has_penalty:

@@ -122,7 +122,9 @@ class Scheduler:
             seq = self.waiting[0]
             if seq.num_pending_tokens:
                 break  # preempted with a token in flight: it comes back once that token is known
-            if not seq.block_table and seq.num_computed_tokens == 0:
+            # A request scoring its prompt needs every prompt row computed: it does not read the prefix
+            # cache (as vLLM v1; engine/prompt_logprobs.py).
+            if not seq.block_table and seq.num_computed_tokens == 0 and seq.prompt_logprobs is None:
                 cached = self.block_manager.match_prefix(seq)
                 set_prefix_hit(seq, cached)
                 if seq.first_scheduled_time is None:

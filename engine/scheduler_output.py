@@ -32,6 +32,7 @@ class RequestSampling(msgspec.Struct, array_like=True, omit_defaults=True, froze
     min_tokens: int = 0
     min_tokens_stop_ids: list[int] = []  # masked until min_tokens tokens exist: EOS (unless ignored), stop ids
     logprobs: int | None = None
+    prompt_logprobs: int | None = None  # score every prompt token, with this many alternatives
     logit_bias: dict[int, float] | None = None
     allowed_token_ids: list[int] | None = None
 
@@ -93,6 +94,8 @@ class ModelRunnerOutput(msgspec.Struct, array_like=True, omit_defaults=True):
     req_ids: list[str]
     sampled_token_ids: list[list[int]]  # a list per request: speculative decoding accepts several
     logprobs: list[list[TokenLogprobs]] | None = None  # per request, per sampled token, when a row asked
+    # req_id -> the prompt tokens this step scored, in order (requests with prompt_logprobs)
+    prompt_logprobs: dict[str, list[TokenLogprobs]] | None = None
 
 
 def encode(message: SchedulerOutput | ModelRunnerOutput) -> bytes:

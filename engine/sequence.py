@@ -56,6 +56,9 @@ class Sequence:
         self.in_batch = False  # a row in the workers' persistent batch since the last step
         self.num_blocks_sent = 0
         self.was_preempted = False  # since it last had a row
+        # Scored prompt tokens (positions 1, 2, ...), gathered step by step from the workers' outputs
+        # by output handling and sent with the first token (engine/prompt_logprobs.py).
+        self.prompt_logprobs: list | None = [] if params.prompt_logprobs is not None else None
 
     # ---------------------------------------------------------------- progress (read-only)
     @property

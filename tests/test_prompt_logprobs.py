@@ -1,14 +1,19 @@
 """SamplingParams(prompt_logprobs=N): known answers on the tiny preset against a direct forward of the
 model, under chunked prefill and prefix caching; the row selection by hand; the completions API shape."""
 import httpx
+import numpy as np
 import openai
 import pytest
 import torch
 
 from engine import LLM, SamplingParams
 from engine.prompt_logprobs import select_prompt_rows
-from engine.sequence import Sequence
-from tests.engine_helpers import hf_model, model_dir, random_prompts, shared_prefix_prompts
+from tests.engine_helpers import (
+    hf_model,
+    model_dir,
+    random_prompts,
+    shared_prefix_prompts,
+)
 from tests.server_process import ServerProcess
 
 TOP = 3
@@ -95,22 +100,17 @@ def test_prompt_logprobs_zero_one_token_prompt_and_n():
 
 
 def test_row_selection_by_hand():
-    seq = Sequence("r", 0, [5, 6, 7, 8, 9, 10], SamplingParams(prompt_logprobs=0), 0.0, None)
+    prompt = np.array([5, 6, 7, 8, 9, 10])
     # Chunk [0, 4) of a 6-token prompt, flat from row 10: rows 10..13 score the tokens at positions 1..4.
-    rows = select_prompt_rows(seq, 0, 4, first_row=10)
+    rows = select_prompt_rows("r", prompt, 0, 0, 4, first_row=10, num_top=0)
     assert (rows.first_row, rows.target_ids) == (10, [6, 7, 8, 9])
-    seq.prompt_logprobs.extend([None] * 4)  # as if recorded
-    # Chunk [4, 6): only the row at position 4 scores a prompt token (5 predicts the first output).
-    rows = select_prompt_rows(seq, 4, 6, first_row=0)
+    # Chunk [4, 6), 4 scored: only the row at position 4 scores a prompt token (5 predicts the first output).
+    rows = select_prompt_rows("r", prompt, 4, 4, 6, first_row=0, num_top=0)
     assert (rows.first_row, rows.target_ids) == (0, [10])
-    seq.prompt_logprobs.append(None)
-    assert select_prompt_rows(seq, 0, 6, first_row=0) is None  # recomputed after preemption: nothing new
-    assert select_prompt_rows(seq, 6, 7, first_row=0) is None  # a decode
-    unasked = Sequence("u", 0, [1, 2, 3], SamplingParams(), 0.0, None)
-    assert select_prompt_rows(unasked, 0, 3, first_row=0) is None
-    gap = Sequence("g", 0, [1, 2, 3, 4], SamplingParams(prompt_logprobs=0), 0.0, None)
+    assert select_prompt_rows("r", prompt, 5, 0, 6, first_row=0, num_top=0) is None  # recomputed: nothing new
+    assert select_prompt_rows("r", prompt, 5, 6, 7, first_row=0, num_top=0) is None  # a decode
     with pytest.raises(RuntimeError, match="never computed"):
-        select_prompt_rows(gap, 2, 4, first_row=0)
+        select_prompt_rows("g", np.array([1, 2, 3, 4]), 0, 2, 4, first_row=0, num_top=0)
 
 
 # ---------------------------------------------------------------- the completions API (vLLM's shape)
