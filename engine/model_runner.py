@@ -404,14 +404,16 @@ class ModelRunner:
     def profile_plan(self, first_block: int = 0) -> tuple[SchedulerOutput, int]:
         """The largest step the scheduler can produce, as a plan: max_num_batched_tokens prompt tokens
         over as many requests as may run, each sampling with every option that costs memory (top-k,
-        top-p, min-p, penalties, logprobs). Returns it with the number of KV blocks it needs."""
+        top-p, min-p, penalties, logprobs, prompt logprobs). Returns it with the number of KV blocks it
+        needs."""
         cfg = self.config
         tokens = cfg.max_num_batched_tokens
         num_seqs = max(1, min(cfg.max_num_seqs, tokens))
         per_seq = [min(tokens // num_seqs + (1 if i < tokens % num_seqs else 0), cfg.max_model_len - 1)
                    for i in range(num_seqs)]
         sampling = RequestSampling(temperature=1.0, top_p=0.9, top_k=50, min_p=0.05, presence_penalty=0.1,
-                                   frequency_penalty=0.1, repetition_penalty=1.1, logprobs=cfg.max_logprobs)
+                                   frequency_penalty=0.1, repetition_penalty=1.1, logprobs=cfg.max_logprobs,
+                                   prompt_logprobs=cfg.max_logprobs)
         new, block = [], first_block
         for i, n in enumerate(per_seq):
             num_blocks = (n + self.block_size - 1) // self.block_size
