@@ -223,3 +223,24 @@ def test_each_step_launches_before_the_previous_tokens_are_read(llm, monkeypatch
     assert len(out[0].outputs[0].token_ids) == 5
     for k in range(1, 5):  # steps 1..4 sample tokens 1..4; token 5 ends the request by length
         assert events.index(("launch", k + 1)) < events.index(("read", k)), events
+
+
+def test_the_memory_profile_step_runs_the_real_path():
+    """The GPU memory profile's step (engine/worker.py), on CPU: a plan of max_num_batched_tokens prompt
+    tokens with every costly sampling option, through plan -> batch -> inputs -> forward -> sampler,
+    against a scratch cache; afterwards the batch is empty, its block table cleared, the engine intact."""
+    from engine.kv_cache import allocate_kv_cache
+
+    llm = LLM("tiny", max_model_len=128, max_num_seqs=16, max_num_batched_tokens=200, kv_cache_memory=16 << 20)
+    core, runner = llm.llm_engine.core, llm.llm_engine.runner
+    expected = llm.generate(prompt_ids(n=2), SamplingParams(temperature=0.0, max_tokens=4), use_tqdm=False)
+    plan, num_blocks = runner.profile_plan()
+    assert plan.total_num_scheduled_tokens == 200 and len(plan.new_requests) == 16
+    real_cache = runner.kv_caches
+    runner.bind_cache(allocate_kv_cache(core.config, num_blocks, runner.device))
+    runner.run_profile_plan(plan)
+    runner.bind_cache(real_cache)
+    assert len(runner.batch) == 0 and not runner.batch.block_table.host.any()
+    assert not [r for r in runner.requests if r.startswith("profile-")]
+    again = llm.generate(prompt_ids(n=2), SamplingParams(temperature=0.0, max_tokens=4), use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in again] == [o.outputs[0].token_ids for o in expected]
