@@ -15,13 +15,15 @@ NOT_YET_SUPPORTED = {
     "speculative_model": (None, "speculative decoding"),
     "speculative_config": (None, "speculative decoding"),
     "num_speculative_tokens": (None, "speculative decoding"),
-    "enable_lora": (False, "LoRA adapters"),
     "tensor_parallel_size": (1, "tensor parallelism"),
     "pipeline_parallel_size": (1, "pipeline parallelism"),
 }
 
 DTYPES = {"float16": torch.float16, "half": torch.float16, "bfloat16": torch.bfloat16,
           "float32": torch.float32, "float": torch.float32}
+
+
+MAX_LORA_RANK = 512
 
 
 class ConfigError(ValueError):
@@ -50,12 +52,17 @@ class EngineConfig:
     max_seq_len_to_capture: int = 8192
     max_logprobs: int = 20
     disable_log_stats: bool = True
+    # LoRA adapters (vLLM's names): GPU slots (distinct adapters in one step), the largest rank, and
+    # the adapters kept read in CPU memory (default: max_loras).
+    enable_lora: bool = False
+    max_loras: int = 1
+    max_lora_rank: int = 16
+    max_cpu_loras: int | None = None
     # Not yet supported (see NOT_YET_SUPPORTED).
     quantization: str | None = None
     speculative_model: str | None = None
     speculative_config: dict | None = None
     num_speculative_tokens: int | None = None
-    enable_lora: bool = False
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
     # Filled in by resolve() from the checkpoint and the device.
@@ -79,10 +86,21 @@ class EngineConfig:
             raise ConfigError(f"load_format must be auto, safetensors or dummy; got {self.load_format!r}")
         if self.device not in ("auto", "cuda", "cpu"):
             raise ConfigError(f"device must be auto, cuda or cpu; got {self.device!r}")
+        self._check_lora()
         if self.device == "auto":
             self.device = "cuda" if torch.cuda.is_available() else "cpu"
         if self.device == "cuda" and not torch.cuda.is_available():
             raise ConfigError("device='cuda' was asked for but torch sees no CUDA device")
+
+    def _check_lora(self) -> None:
+        if self.max_loras < 1:
+            raise ConfigError(f"max_loras must be at least 1, got {self.max_loras}")
+        if not 1 <= self.max_lora_rank <= MAX_LORA_RANK:
+            raise ConfigError(f"max_lora_rank must be in [1, {MAX_LORA_RANK}], got {self.max_lora_rank}")
+        if self.max_cpu_loras is None:
+            self.max_cpu_loras = self.max_loras
+        elif self.max_cpu_loras < self.max_loras:
+            raise ConfigError(f"max_cpu_loras ({self.max_cpu_loras}) must be at least max_loras ({self.max_loras})")
 
     @classmethod
     def field_names(cls) -> set[str]:

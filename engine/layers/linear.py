@@ -29,9 +29,15 @@ class Linear(nn.Module):
         self.out_sizes = list(out_sizes)
         self.method = method or UnquantizedMethod()
         self.method.create_weights(self, in_features, sum(out_sizes), bias)
+        self.lora_weights = None  # the adapters' stacked slots, when LoRA is on (engine/lora/layers.py)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.method.apply(self, x)
+    def forward(self, x: torch.Tensor, lora=None) -> torch.Tensor:
+        """`lora`: the step's LoRAMapping (each token's adapter slot), or None. The adapters' delta is
+        added on top of the method's output, whatever the method (dense or quantized)."""
+        out = self.method.apply(self, x)
+        if lora is not None and self.lora_weights is not None:
+            lora.add(self.lora_weights, x, out)
+        return out
 
     def load_shard(self, param_name: str, shard: int, tensor: torch.Tensor) -> None:
         param = getattr(self, param_name)

@@ -32,14 +32,14 @@ class DecoderAttention(nn.Module):
         self.rotary = RotaryEmbedding(self.head_dim, config.max_position_embeddings, theta, scaling)
         self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim)
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        q, k, v = self.qkv_proj(x).split(self.sizes, dim=-1)
+    def forward(self, positions: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata, lora=None) -> torch.Tensor:
+        q, k, v = self.qkv_proj(x, lora).split(self.sizes, dim=-1)
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         q, k = self.rotary(positions, q, k)
         out = self.attn(q, k, v, meta)
-        return self.o_proj(out.flatten(1))
+        return self.o_proj(out.flatten(1), lora)
 
 
 class MLP(nn.Module):
@@ -50,10 +50,10 @@ class MLP(nn.Module):
         self.gate_up_proj = Linear(config.hidden_size, [inter, inter], bias=bias)
         self.down_proj = Linear(inter, [config.hidden_size], bias=bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate_up = self.gate_up_proj(x)
+    def forward(self, x: torch.Tensor, lora=None) -> torch.Tensor:
+        gate_up = self.gate_up_proj(x, lora)
         act = activation.silu_and_mul if gate_up.is_cuda else activation.silu_and_mul_ref
-        return self.down_proj(act(gate_up))
+        return self.down_proj(act(gate_up), lora)
 
 
 class DecoderLayer(nn.Module):
@@ -64,15 +64,15 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, positions, hidden, residual, meta):
+    def forward(self, positions, hidden, residual, meta, lora=None):
         if residual is None:
             residual = hidden
             hidden = self.input_layernorm(hidden)
         else:
             hidden, residual = self.input_layernorm(hidden, residual)
-        hidden = self.self_attn(positions, hidden, meta)
+        hidden = self.self_attn(positions, hidden, meta, lora)
         hidden, residual = self.post_attention_layernorm(hidden, residual)
-        return self.mlp(hidden), residual
+        return self.mlp(hidden, lora), residual
 
 
 class DecoderModel(nn.Module):
@@ -83,10 +83,10 @@ class DecoderModel(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(config, qkv_bias, o_bias) for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, input_ids, positions, meta):
+    def forward(self, input_ids, positions, meta, lora=None):
         hidden, residual = self.embed_tokens(input_ids), None
         for layer in self.layers:
-            hidden, residual = layer(positions, hidden, residual, meta)
+            hidden, residual = layer(positions, hidden, residual, meta, lora)
         hidden, _ = self.norm(hidden, residual)
         return hidden
 
@@ -107,10 +107,12 @@ class LlamaForCausalLM(nn.Module):
         if self.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+                lora=None) -> torch.Tensor:
         """Returns final hidden states [tokens, hidden]; logits come from compute_logits on the rows
-        that are sampled, so that prefill chunks do not pay for the vocabulary projection."""
-        return self.model(input_ids, positions, meta)
+        that are sampled, so that prefill chunks do not pay for the vocabulary projection. `lora`: the
+        step's LoRAMapping (engine/lora/layers.py), passed down like the attention metadata."""
+        return self.model(input_ids, positions, meta, lora)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()
