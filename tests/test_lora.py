@@ -228,13 +228,13 @@ def test_one_id_is_one_adapter(tiny_model):
 
 
 def test_lora_settings_are_validated_by_name():
-    assert EngineConfig("tiny", enable_lora=True, max_loras=4).max_cpu_loras == 4
+    assert EngineConfig("tiny", max_loras=4).max_cpu_loras == 4
     with pytest.raises(ConfigError, match="max_loras"):
-        EngineConfig("tiny", enable_lora=True, max_loras=0)
+        EngineConfig("tiny", max_loras=0)
     with pytest.raises(ConfigError, match="max_lora_rank"):
-        EngineConfig("tiny", enable_lora=True, max_lora_rank=1000)
+        EngineConfig("tiny", max_lora_rank=1000)
     with pytest.raises(ConfigError, match=r"max_cpu_loras \(2\) must be at least max_loras \(4\)"):
-        EngineConfig("tiny", enable_lora=True, max_loras=4, max_cpu_loras=2)
+        EngineConfig("tiny", max_loras=4, max_cpu_loras=2)
 
 
 def test_synthetic_adapter_is_peft_format(tmp_path):
