@@ -25,8 +25,10 @@ import msgspec
 import zmq
 
 from engine.config import EngineConfig
-from engine.messages import (ABORT, ADD, RESET_PREFIX_CACHE, SHUTDOWN, CoreInfo, CoreOutput, CoreOutputs,
-                             CoreRequest)
+from engine.lora.registry import LoRARegistry
+from engine.lora.request import LoRAError
+from engine.messages import (ABORT, ADD, LOAD_LORA, RESET_PREFIX_CACHE, SHUTDOWN, UNLOAD_LORA, CallResult, CoreInfo,
+                             CoreOutput, CoreOutputs, CoreRequest, LoadLoRA, UnloadLoRA)
 
 log = logging.getLogger("engine.core")
 
@@ -51,12 +53,13 @@ class CoreStartError(RuntimeError):
 class CoreProcess:
     """The parent's handle: starts the core, waits until it is ready, stops it."""
 
-    def __init__(self, config: EngineConfig, num_clients: int, log_level: str = "INFO"):
+    def __init__(self, config: EngineConfig, num_clients: int, log_level: str = "INFO", lora_modules: list = ()):
+        """`lora_modules`: LoRAModulePath entries (--lora-modules), registered before the core reports ready."""
         self.addresses = CoreAddresses.new(num_clients)
         ctx = multiprocessing.get_context("spawn")  # never fork a process that may hold CUDA state
         reader, writer = ctx.Pipe(duplex=False)
         self.process = ctx.Process(target=run_core, name="EngineCore",
-                                   args=(config, self.addresses, writer, log_level), daemon=False)
+                                   args=(config, self.addresses, writer, log_level, list(lora_modules)), daemon=False)
         self.process.start()
         writer.close()
         try:
@@ -92,7 +95,7 @@ class CoreProcess:
 
 
 # ---------------------------------------------------------------- the core process
-def run_core(config: EngineConfig, addresses: CoreAddresses, ready, log_level: str) -> None:
+def run_core(config: EngineConfig, addresses: CoreAddresses, ready, log_level: str, lora_modules: list = ()) -> None:
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # Ctrl-C reaches the whole process group: the API processes drain their streams first and the
     # parent then stops the core, so the core must not die on SIGINT. SIGTERM does stop it.
@@ -106,6 +109,18 @@ def run_core(config: EngineConfig, addresses: CoreAddresses, ready, log_level: s
         ready.send(("error", f"{exc}" if isinstance(exc, (ValueError, FileNotFoundError)) else f"{exc!r}"))
         ready.close()
         return
+    # Adapter names are the server's: the registry lives here, beside the core, which checks and caches them.
+    registry = LoRARegistry(core.add_lora, core.remove_lora) if config.enable_lora else None
+    for module in lora_modules:
+        try:
+            if registry is None:
+                raise LoRAError("LoRA is not enabled: start the server with --enable-lora")
+            registry.load(module.name, module.path, module.base_model_name)
+        except LoRAError as exc:
+            ready.send(("error", f"--lora-modules {module.name}: {exc}"))
+            ready.close()
+            core.shutdown()
+            return
     ctx = zmq.Context()
     inbox = ctx.socket(zmq.PULL)
     inbox.bind(addresses.input)
@@ -116,11 +131,12 @@ def run_core(config: EngineConfig, addresses: CoreAddresses, ready, log_level: s
         sock.bind(address)
         outboxes.append(sock)
     info = CoreInfo(str(core.model_dir), str(core.tokenizer_dir), core.config.max_model_len, core.vocab_size, core.config.max_logprobs,
-                    core.config.max_num_seqs, sorted(core.eos_token_ids), core.get_stats())
+                    core.config.max_num_seqs, sorted(core.eos_token_ids), core.get_stats(),
+                    enable_lora=registry is not None, adapters=registry.adapters() if registry else [])
     ready.send(("ready", msgspec.msgpack.encode(info)))
     ready.close()
     try:
-        CoreLoop(core, inbox, outboxes).run()
+        CoreLoop(core, inbox, outboxes, registry).run()
     finally:
         core.shutdown()
         for sock in [inbox, *outboxes]:
@@ -141,14 +157,17 @@ class CoreLoop:
     """Busy while there is work: drain the inbox without blocking, step, send. Idle: block on the
     inbox (waking once a second to notice an orphaned core)."""
 
-    def __init__(self, core, inbox: zmq.Socket, outboxes: list[zmq.Socket]):
+    def __init__(self, core, inbox: zmq.Socket, outboxes: list[zmq.Socket], loras: LoRARegistry | None = None):
         self.core = core
+        self.loras = loras  # None when LoRA is off
         self.inbox = inbox
         self.outboxes = outboxes
         self.client_of: dict[str, int] = {}  # request id -> API process, while it runs
         self.encoder = msgspec.msgpack.Encoder()
         self.request_decoder = msgspec.msgpack.Decoder(CoreRequest)
         self.ids_decoder = msgspec.msgpack.Decoder(list[str])
+        self.load_decoder = msgspec.msgpack.Decoder(LoadLoRA)
+        self.unload_decoder = msgspec.msgpack.Decoder(UnloadLoRA)
         self.parent = os.getppid()
         self.failures = 0
 
@@ -177,6 +196,13 @@ class CoreLoop:
                 self.core.abort(self.ids_decoder.decode(payload))
             elif kind == RESET_PREFIX_CACHE:
                 self.core.reset_prefix_cache()
+            elif kind == LOAD_LORA:
+                call = self.load_decoder.decode(payload)
+                self.call(call, lambda: self._registry().load(call.lora_name, call.lora_path, call.base_model_name,
+                                                              call.load_inplace))
+            elif kind == UNLOAD_LORA:
+                call = self.unload_decoder.decode(payload)
+                self.call(call, lambda: self._registry().unload(call.lora_name))
             elif kind == SHUTDOWN:
                 return False
             block = False  # something arrived: take the rest without waiting, then step
@@ -190,6 +216,26 @@ class CoreLoop:
             return
         if len(self.outboxes) > 1:
             self.client_of[request.request_id] = request.client_index
+
+    def call(self, call: LoadLoRA | UnloadLoRA, run) -> None:
+        """Run an adapter call; its result goes to the caller and the registry to every API process."""
+        try:
+            run()
+            result = CallResult(call.call_id)
+        except LoRAError as exc:
+            result = CallResult(call.call_id, str(exc), exc.status)
+        except Exception as exc:  # noqa: BLE001 -- a bug here must not take the core down
+            log.exception("LoRA call failed")
+            result = CallResult(call.call_id, f"{type(exc).__name__}: {exc}", 500)
+        stats, adapters = self.core.get_stats(), self.loras.adapters() if self.loras else []
+        for client, outbox in enumerate(self.outboxes):
+            results = [result] if client == call.client_index else []
+            outbox.send(self.encoder.encode(CoreOutputs([], stats, results, adapters)), copy=False)
+
+    def _registry(self) -> LoRARegistry:
+        if self.loras is None:
+            raise LoRAError("LoRA is not enabled: start the server with --enable-lora")
+        return self.loras
 
     def step(self) -> None:
         try:

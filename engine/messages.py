@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import msgspec
 
+from engine.lora.request import LoRARequest
 from engine.sampling_params import SamplingParams
 
 
@@ -18,6 +19,7 @@ class CoreRequest(msgspec.Struct, array_like=True, omit_defaults=True):
     params: dict  # SamplingParams fields with n == 1 (the core rebuilds and re-checks them)
     arrival_time: float
     client_index: int = 0  # which API process gets the outputs
+    lora: LoRARequest | None = None  # the adapter it runs under (None: the base model)
 
     @staticmethod
     def from_params(request_id: str, prompt_token_ids: list[int], params: SamplingParams, arrival_time: float,
@@ -68,10 +70,39 @@ class EngineStats(msgspec.Struct, array_like=True):
     scheduled_tokens_total: int
 
 
+class LoadLoRA(msgspec.Struct, array_like=True, omit_defaults=True):
+    """An API process asks the core to read and register an adapter under a name (POST
+    /v1/load_lora_adapter, or --lora-modules); the core picks its lora_int_id."""
+    call_id: int
+    client_index: int
+    lora_name: str
+    lora_path: str
+    base_model_name: str | None = None
+    load_inplace: bool = False  # replace an adapter of the same name (vLLM's field)
+
+
+class UnloadLoRA(msgspec.Struct, array_like=True):
+    call_id: int
+    client_index: int
+    lora_name: str
+
+
+class CallResult(msgspec.Struct, array_like=True, omit_defaults=True):
+    """The core's answer to a LoadLoRA / UnloadLoRA: error is None on success; status is the HTTP status
+    the API process answers with."""
+    call_id: int
+    error: str | None = None
+    status: int = 200
+
+
 class CoreOutputs(msgspec.Struct, array_like=True):
-    """One step's outputs for one client, with the engine's stats after the step."""
+    """One step's outputs for one client, with the engine's stats after the step. After an adapter was
+    loaded or unloaded, every client also gets the whole adapter registry (`adapters`), and the caller
+    its result, in the same message: the name is known to the API process by the time its call returns."""
     outputs: list[CoreOutput]
     stats: EngineStats
+    results: list[CallResult] = []
+    adapters: list[LoRARequest] | None = None
 
 
 class CoreInfo(msgspec.Struct):
@@ -84,7 +115,10 @@ class CoreInfo(msgspec.Struct):
     max_num_seqs: int
     eos_token_ids: list[int]
     stats: EngineStats
+    enable_lora: bool = False
+    adapters: list[LoRARequest] = []  # registered by name (--lora-modules)
 
 
 # Input messages to the core: (kind byte, payload). Aborts carry a list of request ids.
 ADD, ABORT, RESET_PREFIX_CACHE, SHUTDOWN = b"A", b"X", b"R", b"S"
+LOAD_LORA, UNLOAD_LORA = b"L", b"U"

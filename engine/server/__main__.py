@@ -14,14 +14,18 @@ def main(argv: list[str] | None = None, prog: str = "python -m engine.server") -
     from engine.config import ConfigError
     from engine.core_process import CoreStartError
     from engine.server.launcher import ApiSettings, serve
+    from engine.server.serving_lora import runtime_updates_allowed
 
     try:
         config = engine_config(args)
+        if args.lora_modules and not config.enable_lora:
+            raise ConfigError("--lora-modules needs --enable-lora")
         settings = ApiSettings(model_name=config.served_model_name or args.model, api_key=args.api_key,
                                max_n=args.max_n or config.max_num_seqs, max_waiting_requests=args.max_waiting_requests,
                                log_level=args.log_level, access_log=args.log_level == "debug",
-                               multiprocess_metrics=args.api_server_count > 1)
-        return serve(config, settings, args.host, args.port, args.api_server_count)
+                               multiprocess_metrics=args.api_server_count > 1,
+                               allow_runtime_lora=runtime_updates_allowed())
+        return serve(config, settings, args.host, args.port, args.api_server_count, args.lora_modules or [])
     except (ConfigError, CoreStartError, FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

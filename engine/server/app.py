@@ -10,8 +10,9 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException
 
-from engine.server.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, OpenAIError,
-                                    TokenizeRequest)
+from engine.server import serving_lora
+from engine.server.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
+                                    LoadLoRAAdapterRequest, OpenAIError, TokenizeRequest, UnloadLoRAAdapterRequest)
 from engine.server.serving_chat import create_chat_completion
 from engine.server.serving_common import OpenAIServing
 from engine.server.serving_completions import create_completion
@@ -26,7 +27,9 @@ def package_version() -> str:
         return "0.1.0+local"
 
 
-def build_app(serving: OpenAIServing) -> FastAPI:
+def build_app(serving: OpenAIServing, allow_runtime_lora: bool = False) -> FastAPI:
+    """`allow_runtime_lora`: serve /v1/load_lora_adapter and /v1/unload_lora_adapter
+    (VLLM_ALLOW_RUNTIME_LORA_UPDATING)."""
     app = FastAPI(title="PagedBench OpenAI-compatible server", version=package_version())
     add_error_handlers(app)
 
@@ -72,9 +75,16 @@ def build_app(serving: OpenAIServing) -> FastAPI:
 
     @keyed.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{
-            "id": serving.model_name, "object": "model", "created": serving.created, "owned_by": "pagedbench",
-            "root": serving.model_root, "max_model_len": serving.limits.max_model_len}]}
+        return {"object": "list", "data": serving.model_cards()}
+
+    if allow_runtime_lora:
+        @keyed.post("/v1/load_lora_adapter")
+        async def load_lora_adapter(req: LoadLoRAAdapterRequest):
+            return await serving_lora.load_lora_adapter(serving, req)
+
+        @keyed.post("/v1/unload_lora_adapter")
+        async def unload_lora_adapter(req: UnloadLoRAAdapterRequest):
+            return await serving_lora.unload_lora_adapter(serving, req)
 
     @keyed.post("/v1/completions")
     async def completions(req: CompletionRequest, raw: Request):

@@ -36,8 +36,20 @@ def build_parser(prog: str = "workbench serve") -> argparse.ArgumentParser:
     s.add_argument("--max-waiting-requests", type=_non_negative_int, default=0,
                    help="answer 429 while this many requests wait for their first token (0 = unlimited)")
     s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    s.add_argument("--lora-modules", nargs="+", type=lora_module, default=None, metavar="NAME=PATH",
+                   help='LoRA adapters served by name: NAME=PATH or JSON {"name": ..., "path": ..., '
+                        '"base_model_name": ...}; needs --enable-lora')
     add_engine_args(p)
     return p
+
+
+def lora_module(text: str):
+    from engine.lora.request import parse_lora_module
+
+    try:
+        return parse_lora_module(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
@@ -60,16 +72,20 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     e.add_argument("--enable-chunked-prefill", action=argparse.BooleanOptionalAction, default=True)
     e.add_argument("--enforce-eager", action="store_true")
     e.add_argument("--max-logprobs", type=int, default=20)
+    e.add_argument("--enable-lora", action="store_true", help="serve LoRA adapters (PEFT format)")
+    e.add_argument("--max-loras", type=int, default=1, help="GPU slots: distinct adapters in one step")
+    e.add_argument("--max-lora-rank", type=int, default=16, help="the largest adapter rank")
+    e.add_argument("--max-cpu-loras", type=int, default=None, help="adapters kept in CPU memory (default max-loras)")
     # Accepted so vLLM command lines parse; EngineConfig refuses them with a clear message.
     e.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
     e.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1)
     e.add_argument("--quantization", "-q", default=None)
     e.add_argument("--speculative-model", default=None)
     e.add_argument("--num-speculative-tokens", type=int, default=None)
-    e.add_argument("--enable-lora", action="store_true")
 
 
-SERVER_ONLY = {"host", "port", "api_key", "max_n", "log_level", "api_server_count", "max_waiting_requests"}
+SERVER_ONLY = {"host", "port", "api_key", "max_n", "log_level", "api_server_count", "max_waiting_requests",
+               "lora_modules"}
 
 
 def _positive_int(text: str) -> int:

@@ -23,7 +23,9 @@ import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
 
 from engine.core_process import CoreAddresses
-from engine.messages import ABORT, ADD, RESET_PREFIX_CACHE, CoreInfo, CoreOutputs, EngineStats
+from engine.lora.request import LoRARequest
+from engine.messages import (ABORT, ADD, LOAD_LORA, RESET_PREFIX_CACHE, UNLOAD_LORA, CallResult, CoreInfo, CoreOutputs,
+                             EngineStats, LoadLoRA, UnloadLoRA)
 from engine.output_processor import OutputProcessor, RequestState
 from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
@@ -54,6 +56,10 @@ class CoreClient:
         self.dead: str | None = None
         self._streams: dict[str, _Stream] = {}
         self._unstarted: set[str] = set()  # requests sent that have no token yet (admission control)
+        # The core's adapter registry, by name, as of its last report (every API process gets every change).
+        self.adapters: dict[str, LoRARequest] = {a.lora_name: a for a in info.adapters}
+        self._calls: dict[int, asyncio.Future] = {}  # adapter calls waiting for the core's CallResult
+        self._next_call = 0
         self._encoder = msgspec.msgpack.Encoder()
         self._decoder = msgspec.msgpack.Decoder(CoreOutputs)
         self._ctx = zmq.asyncio.Context()
@@ -87,13 +93,16 @@ class CoreClient:
 
     # ---------------------------------------------------------------- requests
     async def generate(self, request_id: str, prompt: str | None, prompt_token_ids: list[int],
-                       params: SamplingParams) -> AsyncIterator[RequestOutput]:
-        """Cumulative outputs until the request finishes. Leaving early (a client that went away, a
-        cancelled task) aborts it in the core and frees its KV blocks."""
+                       params: SamplingParams, lora: LoRARequest | None = None) -> AsyncIterator[RequestOutput]:
+        """Cumulative outputs until the request finishes, under adapter `lora` (None: the base model).
+        Leaving early (a client that went away, a cancelled task) aborts it in the core and frees its KV
+        blocks."""
         if self.dead is not None:
             raise EngineDeadError(self.dead)
         core_requests = self.processor.add_request(request_id, prompt, prompt_token_ids, params,
                                                    time.monotonic(), self.client_index)
+        for request in core_requests:
+            request.lora = lora
         stream = self._streams[request_id] = _Stream(self.processor.requests[request_id])
         self._unstarted.add(request_id)
         for request in core_requests:
@@ -127,6 +136,28 @@ class CoreClient:
     def reset_prefix_cache(self) -> None:
         self._out.send_multipart([RESET_PREFIX_CACHE, b""])
 
+    async def load_lora(self, name: str, path: str, load_inplace: bool = False) -> CallResult:
+        return await self._call(LOAD_LORA, LoadLoRA(self._call_id(), self.client_index, name, path,
+                                                    load_inplace=load_inplace))
+
+    async def unload_lora(self, name: str) -> CallResult:
+        return await self._call(UNLOAD_LORA, UnloadLoRA(self._call_id(), self.client_index, name))
+
+    def _call_id(self) -> int:
+        self._next_call += 1
+        return self._next_call
+
+    async def _call(self, kind: bytes, message) -> CallResult:
+        """Send an adapter call and wait for its result (the registry is updated before it resolves)."""
+        if self.dead is not None:
+            raise EngineDeadError(self.dead)
+        future = self._calls[message.call_id] = asyncio.get_running_loop().create_future()
+        self._out.send_multipart([kind, self._encoder.encode(message)])
+        try:
+            return await future
+        finally:
+            self._calls.pop(message.call_id, None)
+
     @property
     def num_waiting(self) -> int:
         """Requests waiting for their first token: the core's count, or this process's own when the
@@ -139,6 +170,12 @@ class CoreClient:
             frame = await self._in.recv(copy=False)
             batch = self._decoder.decode(frame.buffer)
             self.stats = batch.stats
+            if batch.adapters is not None:
+                self.adapters = {a.lora_name: a for a in batch.adapters}
+            for result in batch.results:
+                future = self._calls.get(result.call_id)
+                if future is not None and not future.done():
+                    future.set_result(result)
             if not batch.outputs:
                 continue
             processed = self.processor.process(batch.outputs)
@@ -161,5 +198,8 @@ class CoreClient:
         log.error("%s: failing %d in-flight requests", self.dead, len(self._streams))
         for stream in self._streams.values():
             stream.wake.set()
+        for future in self._calls.values():
+            if not future.done():
+                future.set_exception(EngineDeadError(self.dead))
         if self.on_dead is not None:
             self.on_dead()

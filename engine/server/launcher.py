@@ -39,6 +39,7 @@ class ApiSettings:
     log_level: str
     access_log: bool
     multiprocess_metrics: bool
+    allow_runtime_lora: bool = False  # VLLM_ALLOW_RUNTIME_LORA_UPDATING: the load/unload endpoints
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
@@ -51,15 +52,15 @@ def bind_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-def serve(config, settings: ApiSettings, host: str, port: int, api_server_count: int) -> int:
-    """Run the server until it is stopped; returns the process exit code."""
+def serve(config, settings: ApiSettings, host: str, port: int, api_server_count: int, lora_modules: list = ()) -> int:
+    """Run the server until it is stopped; returns the process exit code. `lora_modules`: --lora-modules."""
     sock = bind_socket(host, port)  # first, so that a busy port fails before the model loads
     metrics_dir = None
     if api_server_count > 1:
         # Request metrics from every API process, summed at scrape time (set before any child starts).
         metrics_dir = tempfile.mkdtemp(prefix="pagedbench-metrics-")
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
-    core = CoreProcess(config, api_server_count, settings.log_level)
+    core = CoreProcess(config, api_server_count, settings.log_level, lora_modules)
     try:
         log.info("serving %s on http://%s:%d with %d API server process(es) (API key %s)", settings.model_name,
                  host, port, api_server_count, "required" if settings.api_key else "not required")
@@ -145,7 +146,7 @@ def run_api_server(settings: ApiSettings, sock: socket.socket, info: CoreInfo, a
                           settings.max_waiting_requests)
     serving = OpenAIServing(client, metrics, tokenizer, settings.model_name, info.model_dir, settings.api_key,
                             limits, index)
-    app = build_app(serving)
+    app = build_app(serving, settings.allow_runtime_lora)
 
     @contextlib.asynccontextmanager
     async def lifespan(_app):

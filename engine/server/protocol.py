@@ -110,3 +110,16 @@ class DetokenizeRequest(BaseModel):
 
 ROLES = Literal["system", "user", "assistant", "developer", "tool"]
 KNOWN_ROLES = {"system", "user", "assistant", "developer", "tool"}
+
+
+class LoadLoRAAdapterRequest(BaseModel):
+    """POST /v1/load_lora_adapter, as vLLM takes it."""
+    lora_name: str
+    lora_path: str
+    load_inplace: bool = False  # replace an adapter already loaded under this name
+
+
+class UnloadLoRAAdapterRequest(BaseModel):
+    """POST /v1/unload_lora_adapter, as vLLM takes it (lora_int_id is accepted and checked if given)."""
+    lora_name: str
+    lora_int_id: int | None = None

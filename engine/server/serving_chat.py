@@ -15,7 +15,7 @@ from engine.server.sse import DONE, collect, engine_error, failed_output_error, 
 
 
 async def create_chat_completion(serving: OpenAIServing, req: ChatCompletionRequest, raw: Request):
-    serving.check_model(req.model)
+    lora = serving.check_model(req.model)
     top = req.top_logprobs or 0
     if top and not req.logprobs:
         raise OpenAIError("top_logprobs needs logprobs=true", param="top_logprobs")
@@ -24,21 +24,24 @@ async def create_chat_completion(serving: OpenAIServing, req: ChatCompletionRequ
     params = serving.sampling(req, len(ids), req.max_completion_tokens or req.max_tokens,
                               top if req.logprobs else None, logprobs_field="top_logprobs")
     rid = f"chatcmpl-{uuid.uuid4().hex}"
-    stream = serving.client.generate(rid, None, ids, params)
+    stream = serving.client.generate(rid, None, ids, params, lora)
+    model = serving.response_model(lora)
     if req.stream:
-        return StreamingResponse(stream_chat(serving, req, rid, len(ids), stream), media_type="text/event-stream")
+        return StreamingResponse(stream_chat(serving, req, rid, len(ids), stream, model),
+                                 media_type="text/event-stream")
     final = (await until_disconnected(raw, collect([stream])))[0]
     choices = [{"index": c.index, "message": {"role": "assistant", "content": c.text},
                 "logprobs": chat_logprobs(serving.tokenizer, c, 0, top), "finish_reason": c.finish_reason,
                 "stop_reason": c.stop_reason} for c in final.outputs]
     completion_tokens = sum(len(c.token_ids) for c in final.outputs)
-    return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": serving.model_name,
+    return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model,
             "choices": choices, "usage": serving.usage(len(ids), completion_tokens, final.num_cached_tokens),
             "prompt_logprobs": prompt_logprobs_json(final.prompt_logprobs)}  # vLLM: on the response
 
 
-async def stream_chat(serving: OpenAIServing, req: ChatCompletionRequest, rid: str, prompt_len: int, stream):
-    head = {"id": rid, "object": "chat.completion.chunk", "created": int(time.time()), "model": serving.model_name}
+async def stream_chat(serving: OpenAIServing, req: ChatCompletionRequest, rid: str, prompt_len: int, stream,
+                      model: str):
+    head = {"id": rid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model}
     for i in range(req.n):
         yield sse({**head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
                                         "logprobs": None, "finish_reason": None}]})

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from fastapi import Request
 
+from engine.lora.request import LoRARequest
 from engine.server.core_client import CoreClient
 from engine.server.metrics import ServerMetrics
 from engine.sampling_params import SamplingParams
@@ -48,9 +49,28 @@ class OpenAIServing:
         self.max_prompt_chars = limits.max_model_len * max(longest, 1) * 4
 
     # ---------------------------------------------------------------- validation
-    def check_model(self, model: str | None) -> None:
-        if model is not None and model != self.model_name:
+    def check_model(self, model: str | None) -> LoRARequest | None:
+        """The adapter a request's `model` names (None: the base model); 404 for an unknown name."""
+        if model is None or model == self.model_name:
+            return None
+        lora = self.client.adapters.get(model)
+        if lora is None:
             raise OpenAIError(f"The model `{model}` does not exist.", 404, "model", "NotFoundError")
+        return lora
+
+    def response_model(self, lora: LoRARequest | None) -> str:
+        """The `model` a response names: the adapter's name, as vLLM answers."""
+        return lora.lora_name if lora is not None else self.model_name
+
+    def model_cards(self) -> list[dict]:
+        """/v1/models: the base model, then each adapter with the base as its parent."""
+        cards = [{"id": self.model_name, "object": "model", "created": self.created, "owned_by": "pagedbench",
+                  "root": self.model_root, "parent": None, "max_model_len": self.limits.max_model_len}]
+        for lora in self.client.adapters.values():
+            cards.append({"id": lora.lora_name, "object": "model", "created": self.created, "owned_by": "pagedbench",
+                          "root": lora.lora_path, "parent": lora.base_model_name or self.model_name,
+                          "max_model_len": self.limits.max_model_len})
+        return cards
 
     def check_auth(self, request: Request) -> None:
         if self.api_key is None:

@@ -15,17 +15,17 @@ from engine.server.sse import DONE, collect, engine_error, failed_output_error, 
 
 
 async def create_completion(serving: OpenAIServing, req: CompletionRequest, raw: Request):
-    serving.check_model(req.model)
+    lora = serving.check_model(req.model)
     if req.echo or req.suffix:
         raise OpenAIError("echo and suffix are not supported", param="echo" if req.echo else "suffix")
     serving.admit()
     prompts = await serving.encode_prompts(req.prompt)
     params = [serving.sampling(req, len(ids), req.max_tokens, req.logprobs) for _, ids in prompts]
     rid = f"cmpl-{uuid.uuid4().hex}"
-    streams = [serving.client.generate(f"{rid}-{i}", text, ids, p)
+    streams = [serving.client.generate(f"{rid}-{i}", text, ids, p, lora)
                for i, ((text, ids), p) in enumerate(zip(prompts, params))]
     if req.stream:
-        return StreamingResponse(stream_completion(serving, req, rid, prompts, streams),
+        return StreamingResponse(stream_completion(serving, req, rid, prompts, streams, serving.response_model(lora)),
                                  media_type="text/event-stream")
     finals = await until_disconnected(raw, collect(streams))
     choices, completion_tokens = [], 0
@@ -38,12 +38,12 @@ async def create_completion(serving: OpenAIServing, req: CompletionRequest, raw:
                             "prompt_logprobs": prompt_logprobs})
     prompt_tokens = sum(len(ids) for _, ids in prompts)
     cached = sum(out.num_cached_tokens for out in finals)
-    return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": serving.model_name,
+    return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": serving.response_model(lora),
             "choices": choices, "usage": serving.usage(prompt_tokens, completion_tokens, cached)}
 
 
-async def stream_completion(serving: OpenAIServing, req: CompletionRequest, rid: str, prompts, streams):
-    head = {"id": rid, "object": "text_completion", "created": int(time.time()), "model": serving.model_name}
+async def stream_completion(serving: OpenAIServing, req: CompletionRequest, rid: str, prompts, streams, model: str):
+    head = {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model}
     sent_text: dict[tuple[int, int], int] = {}
     sent_tokens: dict[tuple[int, int], int] = {}
     completion_tokens = 0
