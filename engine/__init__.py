@@ -1,5 +1,6 @@
 """The PagedBench inference engine: vLLM's Python API over a paged-KV, continuously batching engine."""
 from engine.config import ConfigError, EngineConfig
+from engine.lora.request import LoRARequest
 from engine.outputs import CompletionOutput, Logprob, RequestOutput
 from engine.sampling_params import SamplingParams
 
@@ -14,4 +15,5 @@ def __getattr__(name: str):
     raise AttributeError(name)
 
 
-__all__ = ["LLM", "SamplingParams", "EngineConfig", "ConfigError", "RequestOutput", "CompletionOutput", "Logprob"]
+__all__ = ["LLM", "SamplingParams", "EngineConfig", "ConfigError", "RequestOutput", "CompletionOutput", "Logprob",
+           "LoRARequest"]

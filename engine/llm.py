@@ -10,6 +10,7 @@ from tqdm.auto import tqdm
 
 from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
+from engine.lora.request import LoRARequest
 from engine.outputs import RequestOutput
 from engine.sampling_params import RequestOutputKind, SamplingParams
 
@@ -32,21 +33,29 @@ class LLM:
 
     def generate(self, prompts: PromptType | list[PromptType],
                  sampling_params: SamplingParams | list[SamplingParams] | None = None,
-                 use_tqdm: bool = True) -> list[RequestOutput]:
+                 use_tqdm: bool = True,
+                 lora_request: LoRARequest | list[LoRARequest | None] | None = None) -> list[RequestOutput]:
+        """`lora_request`: one adapter for every prompt, or one per prompt (None: the base model)."""
         prompts = self._as_list(prompts)
         params = self._params_for(prompts, sampling_params)
+        loras = self._loras_for(prompts, lora_request)
         request_ids = []
-        for prompt, p in zip(prompts, params):
-            request_id = str(next(self._ids))
-            text, token_ids = self._prompt_input(prompt)
-            self.llm_engine.add_request(request_id, text if text is not None else token_ids, p,
-                                        prompt_token_ids=token_ids)
-            request_ids.append(request_id)
+        try:
+            for prompt, p, lora in zip(prompts, params, loras):
+                request_id = str(next(self._ids))
+                text, token_ids = self._prompt_input(prompt)
+                self.llm_engine.add_request(request_id, text if text is not None else token_ids, p,
+                                            prompt_token_ids=token_ids, lora_request=lora)
+                request_ids.append(request_id)
+        except BaseException:  # a bad prompt or adapter: nothing of this call stays queued
+            self.llm_engine.abort_request(request_ids)
+            raise
         return self._run(request_ids, use_tqdm)
 
     def chat(self, messages: list[dict] | list[list[dict]], sampling_params: SamplingParams | list | None = None,
              use_tqdm: bool = True, chat_template: str | None = None, add_generation_prompt: bool = True,
-             continue_final_message: bool = False) -> list[RequestOutput]:
+             continue_final_message: bool = False,
+             lora_request: LoRARequest | list[LoRARequest | None] | None = None) -> list[RequestOutput]:
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
         tokenizer = self.get_tokenizer()
         prompts = []
@@ -57,7 +66,7 @@ class LLM:
                                                  continue_final_message=continue_final_message)
             prompts.append({"prompt": text,
                             "prompt_token_ids": tokenizer.encode(text, add_special_tokens=False)})
-        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm, lora_request=lora_request)
 
     # ---------------------------------------------------------------- helpers
     @staticmethod
@@ -78,6 +87,18 @@ class LLM:
             raise ValueError(f"got {len(sampling_params)} SamplingParams for {len(prompts)} prompts")
         # Offline generation returns final outputs only (as vLLM's LLM does).
         return [dataclasses.replace(p, output_kind=RequestOutputKind.FINAL_ONLY) for p in sampling_params]
+
+    @staticmethod
+    def _loras_for(prompts: list, lora_request) -> list[LoRARequest | None]:
+        if lora_request is None or isinstance(lora_request, LoRARequest):
+            return [lora_request] * len(prompts)
+        loras = list(lora_request)
+        if len(loras) != len(prompts):
+            raise ValueError(f"got {len(loras)} LoRA requests for {len(prompts)} prompts")
+        bad = [type(x).__name__ for x in loras if x is not None and not isinstance(x, LoRARequest)]
+        if bad:
+            raise TypeError(f"lora_request entries must be LoRARequest or None, got {bad[0]}")
+        return loras
 
     @staticmethod
     def _prompt_input(prompt: PromptType) -> tuple[str | None, list[int] | None]:

@@ -9,6 +9,7 @@ import time
 
 from engine.config import EngineConfig
 from engine.core import EngineCore
+from engine.lora.request import LoRARequest
 from engine.messages import EngineStats
 from engine.model_loader import load_tokenizer
 from engine.output_processor import OutputProcessor
@@ -42,9 +43,14 @@ class LLMEngine:
 
     # ---------------------------------------------------------------- requests
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
-                    arrival_time: float | None = None, prompt_token_ids: list[int] | None = None) -> None:
+                    arrival_time: float | None = None, prompt_token_ids: list[int] | None = None,
+                    lora_request: LoRARequest | None = None) -> None:
         """`prompt` is text (encoded here) or token ids. Give both text and `prompt_token_ids` to keep
-        the text for the output while using ids that were encoded elsewhere (chat templates)."""
+        the text for the output while using ids that were encoded elsewhere (chat templates).
+        `lora_request`: the adapter to run under (None: the base model)."""
+        if lora_request is not None and not self.config.enable_lora:
+            raise ValueError(f"lora_request {lora_request.lora_name!r} given, but LoRA is not enabled: "
+                             "pass enable_lora=True")
         if prompt_token_ids is not None:
             text, token_ids = (prompt if isinstance(prompt, str) else None), list(prompt_token_ids)
         elif isinstance(prompt, str):
@@ -55,7 +61,13 @@ class LLMEngine:
         core_requests = self.processor.add_request(request_id, text, token_ids, params,
                                                    arrival_time or time.monotonic())
         for request in core_requests:
-            self.core.add_request(request)
+            request.lora = lora_request
+        try:
+            for request in core_requests:
+                self.core.add_request(request)
+        except BaseException:  # an adapter that cannot load: the request is not left half-added
+            self.abort_request(request_id)
+            raise
 
     def abort_request(self, request_id: str | list[str]) -> None:
         for rid in [request_id] if isinstance(request_id, str) else request_id:

@@ -122,14 +122,18 @@ def serve(base_url: str = typer.Option("http://127.0.0.1:8000", help="server roo
           ramp_up_end: float = typer.Option(None, help="requests/s at the end of the ramp"),
           reset_prefix_cache: bool = typer.Option(True, help="sweeps: POST /reset_prefix_cache before each point "
                                                              "(where the server has it)"),
+          lora_names: str = typer.Option(None, help="spread requests over these model names (LoRA adapters; list "
+                                                    "the base model too to mix it in): a,b,c uniformly, or "
+                                                    "a:3,b:1 with weights"),
           result_dir: Path = typer.Option(Path("results")), label: str = "") -> None:
     """Measure any OpenAI-compatible server with streamed requests."""
-    from workbench.loadgen.config import ServeBenchConfig, parse_goodput
+    from workbench.loadgen.config import ServeBenchConfig, parse_goodput, parse_lora_names
     from workbench.loadgen.runner import ServerUnavailable, run_serve_benchmark
     from workbench.loadgen.sweep import run_rates, run_sweep
 
     rates = parse_rates(request_rate)
     try:
+        names, weights = parse_lora_names(lora_names)
         config = ServeBenchConfig(
             base_url=base_url, model=model, api_key=api_key, endpoint=endpoint, dataset=dataset,
             dataset_path=dataset_path, num_prompts=num_prompts, input_len=input_len, output_len=output_len,
@@ -138,7 +142,7 @@ def serve(base_url: str = typer.Option("http://127.0.0.1:8000", help="server roo
             workers=workers, duration=duration, goodput=parse_goodput(goodput or []), tokenizer=tokenizer, label=label,
             num_turns=num_turns, think_time=think_time, trace_format=trace_format, time_scale=time_scale,
             trace_block_size=trace_block_size, ramp_up=ramp_up, ramp_up_start=ramp_up_start,
-            ramp_up_end=ramp_up_end, reset_prefix_cache=reset_prefix_cache)
+            ramp_up_end=ramp_up_end, reset_prefix_cache=reset_prefix_cache, lora_names=names, lora_weights=weights)
     except (ValidationError, ValueError) as exc:
         fail(_first_error(exc), 2)
     try:
@@ -171,6 +175,29 @@ def _first_error(exc: Exception) -> str:
         e = exc.errors()[0]
         return f"{'.'.join(str(x) for x in e['loc'])}: {e['msg']}"
     return str(exc)
+
+
+def lora_load(adapter: str = typer.Option(..., help="adapter directory (PEFT), as the server sees the path"),
+              base_url: str = typer.Option("http://127.0.0.1:8000", help="server root, without /v1"),
+              api_key: str = typer.Option(None, envvar="OPENAI_API_KEY"),
+              repeats: int = typer.Option(10, min=1),
+              output_json: Path = typer.Option(None, help="write the measurement here")) -> None:
+    """Runtime LoRA load latency: POST /v1/load_lora_adapter, then at once a request under it; the time
+    until it is served (the server needs VLLM_ALLOW_RUNTIME_LORA_UPDATING=True and --enable-lora)."""
+    from workbench.bench_lora import measure_load_latency
+    from workbench.results import collect_environment
+
+    try:
+        result = measure_load_latency(base_url, adapter, repeats, api_key)
+    except (RuntimeError, httpx.HTTPError) as exc:
+        fail(str(exc))
+    result |= {"commit": collect_environment().commit, "command": " ".join(sys.argv)}
+    for k in ("load_ms", "first_request_ms", "until_served_ms", "warm_request_ms", "base_request_ms"):
+        console.print(f"median {k}: {result[f'median_{k}']:.1f}")
+    if output_json:
+        output_json.parent.mkdir(parents=True, exist_ok=True)
+        output_json.write_text(json.dumps(result, indent=2))
+        console.print(f"wrote {output_json}")
 
 
 def ceiling(num_prompts: int = typer.Option(3000, min=1, help="requests per run"),

@@ -24,6 +24,7 @@ from rich.console import Console
 
 from engine.config import DTYPES, EngineConfig
 from engine.server.args import add_engine_args, engine_config
+from workbench.bench_lora import add_lora_args, check_lora_args, lora_plan, lora_summary
 from workbench.results import BenchResult, collect_environment
 from workbench.roofline import ModelShape, measure_device, throughput_floor
 
@@ -75,6 +76,7 @@ def build_parser(prog: str = "workbench bench throughput") -> argparse.ArgumentP
                    help="give the requests, in turn, these sampling settings instead of greedy for all: "
                         + "; ".join(", ".join(f"{k}={v}" for k, v in m.items()) for m in SAMPLING_MIX)
                         + " (EOS still ignored, so the token counts stay exact)")
+    add_lora_args(p)
     return p
 
 
@@ -111,6 +113,8 @@ def config_record(config: EngineConfig, args: argparse.Namespace) -> dict:
     record = {name: getattr(config, name) for name in sorted(EngineConfig.field_names())}
     record["torch_dtype"] = str(config.torch_dtype).removeprefix("torch.")
     bench = {k: v for k, v in vars(args).items() if k not in EngineConfig.field_names()}
+    if bench.get("lora_modules"):
+        bench["lora_modules"] = [{"name": m.name, "path": m.path} for m in bench["lora_modules"]]
     return record | bench
 
 
@@ -148,6 +152,7 @@ def check_args(args: argparse.Namespace) -> None:
     if args.baseline and args.range_ratio > 0:
         raise ValueError("--baseline transformers needs one output length for all requests (generate_batch takes "
                          "one max_new_tokens): use --range-ratio 0")
+    check_lora_args(args)
 
 
 def build_workload(args: argparse.Namespace, tokenizer, max_model_len: int) -> tuple[list[list[int]], list[int]]:
@@ -185,14 +190,16 @@ def run_throughput(args: argparse.Namespace, progress: bool = True) -> BenchResu
     vocab = min(config.hf_config.vocab_size, len(llm.get_tokenizer()))
     warmup = random_prompts([max(map(len, prompts))] + [len(p) for p in prompts[:WARMUP_PROMPTS - 1]], vocab,
                             seed=args.seed + 1)
+    loras = lora_plan(args, len(prompts))
     console.log(f"warm-up: {len(warmup)} random prompts x {max(output_lens)} tokens (not timed)")
-    _generate(llm, warmup, [max(output_lens)] * len(warmup), progress=False, mix=args.sampling_mix)
+    _generate(llm, warmup, [max(output_lens)] * len(warmup), progress=False, mix=args.sampling_mix,
+              loras=lora_plan(args, len(warmup), 1))
 
     timer = engine.core.step_timer
     if args.profile:
         timer.enable()  # host clock reads at phase boundaries only: no device syncs
     before = engine.get_stats()
-    outs, elapsed = _generate(llm, prompts, output_lens, progress, mix=args.sampling_mix)
+    outs, elapsed = _generate(llm, prompts, output_lens, progress, mix=args.sampling_mix, loras=loras)
     after = engine.get_stats()
     timer.enabled = False
     out_tokens = sum(len(o.outputs[0].token_ids) for o in outs)
@@ -214,6 +221,15 @@ def run_throughput(args: argparse.Namespace, progress: bool = True) -> BenchResu
         extra["step_profile"] = step_profile(timer, elapsed, metrics["num_steps"])
         print_step_profile(extra["step_profile"])
         extra["profile"] = profile_steps(engine, prompts, output_lens, output_path(args, "throughput"))
+    if loras is not None:
+        extra["lora"] = {"prompts_per_adapter": lora_summary(loras)}
+        if args.compare_base:
+            engine.shutdown()  # free the device for the base engine
+            del llm, engine, outs
+            extra["lora"]["base"] = _run_base(args, prompts, output_lens, warmup)
+            base_tps = extra["lora"]["base"]["output_throughput"]
+            metrics["base_output_throughput"] = base_tps
+            metrics["lora_vs_base_output_throughput"] = metrics["output_throughput"] / base_tps
 
     if args.baseline == "transformers":
         from workbench.hf_baseline import BaselineLimits
@@ -237,9 +253,28 @@ def run_throughput(args: argparse.Namespace, progress: bool = True) -> BenchResu
                        extra=extra, environment=collect_environment(rates.device))
 
 
-def _generate(llm, prompts: list[list[int]], output_lens: list[int], progress: bool, mix: bool = False):
+def _run_base(args: argparse.Namespace, prompts, output_lens: list[int], warmup) -> dict:
+    """--compare-base: the same prompts through the base model, in a fresh engine with LoRA off (the
+    same warm-up first); its figures under the same names."""
+    from engine import LLM
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    console.log("base model: the same prompts, LoRA off")
+    llm = LLM(args.model, **(llm_kwargs(args) | {"enable_lora": False}))
+    _generate(llm, warmup, [max(output_lens)] * len(warmup), progress=False, mix=args.sampling_mix)
+    before = llm.llm_engine.get_stats()
+    outs, elapsed = _generate(llm, prompts, output_lens, progress=False, mix=args.sampling_mix)
+    after = llm.llm_engine.get_stats()
+    out_tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+    llm.llm_engine.shutdown()
+    return _metrics(len(prompts), sum(map(len, prompts)), out_tokens, elapsed, before, after)
+
+
+def _generate(llm, prompts: list[list[int]], output_lens: list[int], progress: bool, mix: bool = False, loras=None):
     """Greedy (or the --sampling-mix in turn), EOS ignored, exactly output_len tokens each; timed between
-    device synchronizations."""
+    device synchronizations. `loras`: each prompt's LoRARequest (None: the base model)."""
     from engine import SamplingParams
 
     kinds = SAMPLING_MIX if mix else ({"temperature": 0.0},)
@@ -247,7 +282,7 @@ def _generate(llm, prompts: list[list[int]], output_lens: list[int], progress: b
     device = llm.llm_engine.config.device
     synchronize(device)
     start = time.perf_counter()
-    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=progress)
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=progress, lora_request=loras)
     synchronize(device)
     return outs, time.perf_counter() - start
 

@@ -19,9 +19,10 @@ from workbench.bench_offline_cmd import PASS_THROUGH, latency, quality, throughp
 bench_app.command("throughput", context_settings=PASS_THROUGH)(throughput)
 bench_app.command("latency", context_settings=PASS_THROUGH)(latency)
 bench_app.command("quality", context_settings=PASS_THROUGH)(quality)
-from workbench.bench_serve_cmd import ceiling, serve as bench_serve  # noqa: E402
+from workbench.bench_serve_cmd import ceiling, lora_load, serve as bench_serve  # noqa: E402
 bench_app.command("serve")(bench_serve)
 bench_app.command("ceiling")(ceiling)
+bench_app.command("lora-load")(lora_load)
 from workbench.bench_compare import compare  # noqa: E402
 bench_app.command("compare", context_settings=PASS_THROUGH)(compare)
 from workbench.tune_cmd import tune  # noqa: E402

@@ -1,4 +1,5 @@
-"""`workbench models list|create`: the presets (synthetic ones, and the real smollm2-135m)."""
+"""`workbench models list|create|lora`: the presets (synthetic ones, and the real smollm2-135m), and random
+PEFT LoRA adapters for them."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -59,3 +60,43 @@ def create(preset: str = typer.Argument(..., help="Preset name (see `workbench m
         console.print(f"[red]error:[/] {escape(str(exc))}", soft_wrap=True)  # escape: the message says [real]
         raise typer.Exit(2)
     console.print(f"wrote {preset} to {out}")
+
+
+SHORT_TARGETS = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj", "gate": "gate_proj", "up": "up_proj",
+                 "down": "down_proj"}
+
+
+@app.command("lora")
+def lora(model: str = typer.Argument(..., help="Preset name or model directory (its config.json gives the shapes)."),
+         rank: int = typer.Option(..., "--rank", help="LoRA rank r."),
+         out: Path = typer.Option(..., "--out", help="Directory to write the adapter into."),
+         targets: str = typer.Option("q,k,v,o,gate,up,down", help="Projections to adapt, comma-separated."),
+         alpha: float = typer.Option(None, help="lora_alpha (default 2 x rank)."),
+         rslora: bool = typer.Option(False, "--rslora", help="rsLoRA scaling (alpha / sqrt(r))."),
+         seed: int = typer.Option(0, help="Seed of the random weights."),
+         force: bool = typer.Option(False, help="Overwrite a non-empty --out.")) -> None:
+    """Write a random, seeded PEFT LoRA adapter for a model (adapter_config.json + adapter_model.safetensors)."""
+    from engine.lora.synthetic import write_adapter
+    from engine.presets import resolve_model
+
+    if rank < 1:
+        _fail(f"--rank must be at least 1, got {rank}", 2)
+    names = [t.strip() for t in targets.split(",") if t.strip()]
+    bad = [t for t in names if t not in SHORT_TARGETS and t not in SHORT_TARGETS.values()]
+    if bad or not names:
+        _fail(f"--targets: unknown projection(s) {', '.join(bad) or '(none)'}; choose from "
+              f"{', '.join(SHORT_TARGETS)}", 2)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
+        _fail(f"{out} exists and is not empty; pass --force to overwrite")
+    try:
+        model_dir = resolve_model(model, with_weights=False)
+    except FileNotFoundError as exc:
+        _fail(str(exc), 2)
+    write_adapter(model_dir, out, rank, [SHORT_TARGETS.get(t, t) for t in names], alpha=alpha, seed=seed,
+                  use_rslora=rslora, base_model_name=model)
+    console.print(f"wrote a rank-{rank} LoRA adapter for {model} ({', '.join(names)}) to {out}")
+
+
+def _fail(message: str, code: int = 1):
+    console.print(f"[red]error:[/] {message}", highlight=False)
+    raise typer.Exit(code)

@@ -70,7 +70,7 @@ async def send_request(client: openai.AsyncOpenAI, config: ServeBenchConfig, req
     extra = dict(config.extra_body)
     if config.ignore_eos:
         extra |= {"ignore_eos": True, "min_tokens": request.output_len}
-    common = {"model": config.model, "max_tokens": request.output_len, "stream": True,
+    common = {"model": config.model_for(index), "max_tokens": request.output_len, "stream": True,
               "stream_options": {"include_usage": True}, "extra_body": extra or None, "temperature": 0.0}
     chat = config.endpoint == "chat"
     start = time.perf_counter()

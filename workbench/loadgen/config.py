@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import random
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -83,6 +84,30 @@ class ServeBenchConfig(LoadProfile):
     timeout: float = Field(600.0, gt=0)
     extra_body: dict = Field(default_factory=dict)
     reset_prefix_cache: bool = True  # sweeps: POST /reset_prefix_cache before each point, where the server has it
+    # Spread requests over these model names (LoRA adapters, the base too if listed), with these weights
+    # (default: uniform); empty: every request names `model`.
+    lora_names: list[str] = Field(default_factory=list)
+    lora_weights: list[float] | None = None
+
+    @model_validator(mode="after")
+    def _lora_spread(self) -> "ServeBenchConfig":
+        if self.lora_weights is not None:
+            if len(self.lora_weights) != len(self.lora_names):
+                raise ValueError(f"lora_weights has {len(self.lora_weights)} entries for {len(self.lora_names)} "
+                                 "lora_names")
+            if any(w < 0 for w in self.lora_weights) or not sum(self.lora_weights) > 0:
+                raise ValueError("lora_weights must be >= 0 and not all 0")
+        if len(set(self.lora_names)) != len(self.lora_names):
+            raise ValueError(f"lora_names has duplicates: {self.lora_names}")
+        return self
+
+    def model_for(self, index: int) -> str:
+        """The model name request `index` asks for: a seeded draw over lora_names (the same in every
+        worker process and every run of a seed), or `model`."""
+        if not self.lora_names:
+            return self.model
+        rng = random.Random(self.seed * 1_000_003 + index)
+        return rng.choices(self.lora_names, weights=self.lora_weights)[0]
 
     @model_validator(mode="after")
     def _one_process_for_sessions(self) -> "ServeBenchConfig":
@@ -97,6 +122,24 @@ class ServeBenchConfig(LoadProfile):
         if not v > 0:
             raise ValueError("request_rate must be positive (or inf)")
         return v
+
+
+def parse_lora_names(text: str | None) -> tuple[list[str], list[float] | None]:
+    """'a,b,c' (uniform) or 'a:3,b:1,c:1' (weights) -> (names, weights or None)."""
+    if not text:
+        return [], None
+    names, weights = [], []
+    for item in filter(None, (x.strip() for x in text.split(","))):
+        name, sep, weight = item.rpartition(":") if ":" in item else (item, "", "")
+        if sep:
+            try:
+                weights.append(float(weight))
+            except ValueError:
+                raise ValueError(f"--lora-names {item!r}: {weight!r} is not a weight (NAME or NAME:WEIGHT)") from None
+        names.append(name)
+    if weights and len(weights) != len(names):
+        raise ValueError("--lora-names: give a weight to every name or to none")
+    return names, weights or None
 
 
 def parse_goodput(items: list[str]) -> dict[str, float]:

@@ -45,6 +45,10 @@ def probe_server(config: ServeBenchConfig) -> dict:
     served = [m.get("id") for m in info["models"].get("data", [])]
     if served and config.model not in served:
         raise ServerUnavailable(f"the server does not serve model {config.model!r}; it serves {served}")
+    missing = [name for name in config.lora_names if served and name not in served]
+    if missing:
+        raise ServerUnavailable(f"the server does not serve {', '.join(map(repr, missing))} (--lora-names); it "
+                                f"serves {served}")
     try:
         version = httpx.get(f"{base}/version", timeout=5)
         if version.status_code == 200:
