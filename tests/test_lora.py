@@ -38,7 +38,9 @@ def test_mixed_batch_logits_match_peft(model):
     names = ["qv8", "all16", "mlp4rs", "k1"]
     manager = LoRAManager(ours, LoRASettings(max_loras=4, max_lora_rank=16, max_cpu_loras=4), torch.float32,
                           torch.device("cpu"))
-    slots = {n: manager.acquire(request(model, n, i + 1)) for i, n in enumerate(names)}
+    for i, n in enumerate(names):
+        manager.add(request(model, n, i + 1))
+    slots = {n: manager.acquire(i + 1) for i, n in enumerate(names)}
     prompts = [[11 + 7 * i + j for j in range(5 + 9 * i)] for i in range(6)]
     under = ["qv8", None, "all16", "mlp4rs", "qv8", "k1"]
     logits = prefill_logits(ours, prompts, [slots[n] if n else -1 for n in under], num_slots=4)
@@ -191,28 +193,32 @@ def test_lora_request_fields():
 def test_slots_lru_pinning_and_cpu_cache(tiny_model):
     manager = LoRAManager(tiny_model, LoRASettings(max_loras=2, max_lora_rank=16, max_cpu_loras=2), torch.float32,
                           torch.device("cpu"))
-    a, b, c = request("tiny", "qv8", 1), request("tiny", "all16", 2), request("tiny", "k1", 3)
-    slot_a = manager.acquire(a)
-    slot_b = manager.acquire(b)
+    for i, name in enumerate(["qv8", "all16", "k1"]):
+        manager.add(request("tiny", name, i + 1))
+    assert list(manager.cpu) == [2, 3]  # the CPU cache holds 2: the first was evicted
+    slot_a = manager.acquire(1)  # ... and is read again from its path
+    slot_b = manager.acquire(2)
     assert {slot_a, slot_b} == {0, 1}
     with pytest.raises(RuntimeError, match="all 2 LoRA slots are in use"):
-        manager.acquire(c)  # both pinned: the scheduler must never let this happen
+        manager.acquire(3)  # both pinned: the scheduler must never let this happen
     manager.release(1)
-    slot_c = manager.acquire(c)  # takes a's slot: unpinned, least recently used
+    slot_c = manager.acquire(3)  # takes the first's slot: unpinned, least recently used
     assert slot_c == slot_a and 1 not in manager.slot_of
-    assert list(manager.cpu) == [2, 3]  # the CPU cache holds 2: a was evicted ...
     manager.release(2)
-    assert manager.acquire(a) == slot_b  # ... and is read again from its path
+    assert manager.acquire(1) == slot_b  # the unpinned, least recently used slot
     qkv = manager.layers["model.layers.0.self_attn.qkv_proj"]
     assert qkv.a[slot_b, 8:16].abs().sum() == 0 and qkv.a[slot_b, :8].abs().sum() > 0  # rank 8, zero-padded
     assert qkv.a[slot_b, 16:32].abs().sum() == 0  # qv8 does not adapt k_proj
-    assert manager.acquire(a) == slot_b and manager.pins[slot_b] == 2  # two requests share one slot
+    assert manager.acquire(1) == slot_b and manager.pins[slot_b] == 2  # two requests share one slot
+    with pytest.raises(LoRAError, match="never added"):
+        manager.acquire(9)
 
 
 def test_remove_while_in_use_frees_the_slot_on_release(tiny_model):
     manager = LoRAManager(tiny_model, LoRASettings(max_loras=1, max_lora_rank=16, max_cpu_loras=1), torch.float32,
                           torch.device("cpu"))
-    slot = manager.acquire(request("tiny", "qv8", 1))
+    manager.add(request("tiny", "qv8", 1))
+    slot = manager.acquire(1)
     manager.remove(1)
     assert manager.slot_of == {1: slot}  # still serving its request
     manager.release(1)

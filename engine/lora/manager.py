@@ -2,7 +2,8 @@
 
 - CPU cache: up to `max_cpu_loras` adapters read and checked (pinned memory on CUDA, so a slot
   fills with asynchronous copies), least recently used evicted first; an evicted adapter is read
-  again from its path when a request needs it (as vLLM does).
+  again from its path when a request needs it (as vLLM does). Adapters are known by id: `add`
+  registers one (the worker sees only ids in the step plan, engine/scheduler_output.py).
 - GPU slots: `max_loras` rows of every LoRA layer's stacked buffers. A slot is pinned while requests
   that run under its adapter hold it (`acquire` / `release`); an unpinned slot keeps its adapter
   (a later request reuses it without copying) until the least recently used one is needed.
@@ -51,7 +52,8 @@ class LoRAManager:
             linear = model.get_submodule(name)
             linear.lora_weights = self.layers[name] = LoRALayerWeights(
                 linear.in_features, linear.out_sizes, settings.max_loras, rank, dtype, device)
-        self.known: dict[int, LoRARequest] = {}  # every adapter seen, by id: its path, to read it again
+        self.known: dict[int, LoRARequest] = {}  # every adapter added, by id: its path, to read it again
+        self.removed: set[int] = set()  # removed while requests still ran under them
         self.cpu: OrderedDict[int, LoRAModel] = OrderedDict()  # LRU: oldest first
         self.slot_of: dict[int, int] = {}  # adapter id -> GPU slot
         self.slot_ids: list[int | None] = [None] * settings.max_loras  # GPU slot -> adapter id
@@ -86,19 +88,24 @@ class LoRAManager:
         return model
 
     def remove(self, lora_int_id: int) -> None:
-        """Forget an adapter: its CPU copy now, its GPU slot as soon as no request holds it."""
-        self.known.pop(lora_int_id, None)
+        """Drop an adapter's CPU copy now and its GPU slot as soon as no request holds it. Its path stays
+        known: requests already queued under it still run (new ones are stopped by the caller)."""
         self.cpu.pop(lora_int_id, None)
         slot = self.slot_of.get(lora_int_id)
         if slot is not None and self.pins[slot] == 0:
             self._vacate(slot)
+        elif slot is not None:
+            self.removed.add(lora_int_id)
 
     # ---------------------------------------------------------------- GPU slots
-    def acquire(self, request: LoRARequest) -> int:
-        """The GPU slot holding this adapter, loading it there if need be (from the CPU cache, or from
-        disk); the slot stays pinned until `release`."""
-        slot = self.slot_of.get(request.lora_int_id)
+    def acquire(self, lora_int_id: int) -> int:
+        """The GPU slot holding this (added) adapter, loading it there if need be (from the CPU cache, or
+        from disk); the slot stays pinned until `release`."""
+        slot = self.slot_of.get(lora_int_id)
         if slot is None:
+            request = self.known.get(lora_int_id)
+            if request is None:
+                raise LoRAError(f"LoRA adapter id {lora_int_id} was never added")
             model = self.add(request)
             slot = self._free_slot()
             for layer, weights in self.layers.items():
@@ -117,7 +124,8 @@ class LoRAManager:
         slot = self.slot_of[lora_int_id]
         assert self.pins[slot] > 0, f"adapter {lora_int_id} released more often than acquired"
         self.pins[slot] -= 1
-        if self.pins[slot] == 0 and lora_int_id not in self.known:
+        if self.pins[slot] == 0 and lora_int_id in self.removed:
+            self.removed.discard(lora_int_id)
             self._vacate(slot)  # removed while in use
 
     def _free_slot(self) -> int:
