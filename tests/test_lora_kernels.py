@@ -67,6 +67,18 @@ def test_add_lora_matches_reference(slice_sizes, in_features, slot_pattern):
         assert not torch.allclose(out[~untouched], base[~untouched])  # the adapters did something
 
 
+def test_large_batch_tiles():
+    """Past 512 tokens the kernels take 64-token tiles: the same answer."""
+    a, b, offsets = stacked_adapters(3, [16, 1, 8], 16, 24, [16, 8])
+    slots = torch.randint(-1, 3, (600,), generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    x = torch.randn(600, 24).to(DEVICE)
+    ref, out = torch.zeros(600, 24, device=DEVICE), torch.zeros(600, 24, device=DEVICE)
+    lora.add_lora_ref(x, a, b, slots, offsets, ref)
+    lora.add_lora(x, a, b, lora.lora_indices(slots, 3), torch.tensor(offsets, dtype=torch.int32, device=DEVICE), 16,
+                  out)
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+
+
 def test_shrink_partials_sum_to_reference():
     a, _, _ = stacked_adapters(3, [16, 8, 1], 16, 1100, [16, 16])  # 1100 in_features: two splits
     slots = torch.tensor([0, 1, 2, -1, 1, 0, 2, 2, 0], device=DEVICE)
