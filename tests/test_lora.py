@@ -40,7 +40,8 @@ def test_mixed_batch_logits_match_peft(model):
                           torch.device("cpu"))
     for i, n in enumerate(names):
         manager.add(request(model, n, i + 1))
-    slots = {n: manager.acquire(i + 1) for i, n in enumerate(names)}
+    by_id = manager.activate(range(1, len(names) + 1))
+    slots = {n: by_id[i + 1] for i, n in enumerate(names)}
     prompts = [[11 + 7 * i + j for j in range(5 + 9 * i)] for i in range(6)]
     under = ["qv8", None, "all16", "mlp4rs", "qv8", "k1"]
     logits = prefill_logits(ours, prompts, [slots[n] if n else -1 for n in under], num_slots=4)
@@ -196,32 +197,32 @@ def test_slots_lru_pinning_and_cpu_cache(tiny_model):
     for i, name in enumerate(["qv8", "all16", "k1"]):
         manager.add(request("tiny", name, i + 1))
     assert list(manager.cpu) == [2, 3]  # the CPU cache holds 2: the first was evicted
-    slot_a = manager.acquire(1)  # ... and is read again from its path
-    slot_b = manager.acquire(2)
-    assert {slot_a, slot_b} == {0, 1}
-    with pytest.raises(RuntimeError, match="all 2 LoRA slots are in use"):
-        manager.acquire(3)  # both pinned: the scheduler must never let this happen
-    manager.release(1)
-    slot_c = manager.acquire(3)  # takes the first's slot: unpinned, least recently used
-    assert slot_c == slot_a and 1 not in manager.slot_of
-    manager.release(2)
-    assert manager.acquire(1) == slot_b  # the unpinned, least recently used slot
+    step = manager.activate([1, 2])  # ... and is read again from its path
+    assert sorted(step.values()) == [0, 1] and manager.pins == [1, 1]
+    with pytest.raises(RuntimeError, match="3 adapters in one step, but only 2 LoRA slots"):
+        manager.activate([1, 2, 3])  # the scheduler must never let this happen
+    step2 = manager.activate([2, 3])  # 1 is unpinned now: 3 takes its slot, 2 keeps its own
+    assert step2[2] == step[2] and step2[3] == step[1] and 1 not in manager.slot_of
     qkv = manager.layers["model.layers.0.self_attn.qkv_proj"]
-    assert qkv.a[slot_b, 8:16].abs().sum() == 0 and qkv.a[slot_b, :8].abs().sum() > 0  # rank 8, zero-padded
-    assert qkv.a[slot_b, 16:32].abs().sum() == 0  # qv8 does not adapt k_proj
-    assert manager.acquire(1) == slot_b and manager.pins[slot_b] == 2  # two requests share one slot
+    slot = manager.activate([1, 3])[1]  # 1 comes back into 2's slot (unpinned, least recently used)
+    assert slot == step[2] and manager.slot_of == {1: slot, 3: step[1]}
+    assert qkv.a[slot, 8:16].abs().sum() == 0 and qkv.a[slot, :8].abs().sum() > 0  # rank 8, zero-padded
+    assert qkv.a[slot, 16:32].abs().sum() == 0  # qv8 does not adapt k_proj
+    assert manager.activate([]) == {} and manager.pins == [0, 0]
+    assert manager.slot_of == {1: slot, 3: step[1]}  # unpinned slots keep their adapters for reuse
     with pytest.raises(LoRAError, match="never added"):
-        manager.acquire(9)
+        manager.activate([9])
 
 
-def test_remove_while_in_use_frees_the_slot_on_release(tiny_model):
+def test_remove_while_in_use_frees_the_slot_once_unused(tiny_model):
     manager = LoRAManager(tiny_model, LoRASettings(max_loras=1, max_lora_rank=16, max_cpu_loras=1), torch.float32,
                           torch.device("cpu"))
     manager.add(request("tiny", "qv8", 1))
-    slot = manager.acquire(1)
+    slot = manager.activate([1])[1]
     manager.remove(1)
-    assert manager.slot_of == {1: slot}  # still serving its request
-    manager.release(1)
+    assert manager.slot_of == {1: slot}  # still serving this step
+    assert manager.activate([1]) == {1: slot}  # and a request already queued under it
+    manager.activate([])
     assert manager.slot_of == {} and manager.slot_ids == [None]
 
 

@@ -4,12 +4,12 @@
   fills with asynchronous copies), least recently used evicted first; an evicted adapter is read
   again from its path when a request needs it (as vLLM does). Adapters are known by id: `add`
   registers one (the worker sees only ids in the step plan, engine/scheduler_output.py).
-- GPU slots: `max_loras` rows of every LoRA layer's stacked buffers. A slot is pinned while requests
-  that run under its adapter hold it (`acquire` / `release`); an unpinned slot keeps its adapter
-  (a later request reuses it without copying) until the least recently used one is needed.
+- GPU slots: `max_loras` rows of every LoRA layer's stacked buffers. Each step pins the slots of the
+  adapters its rows use (`activate`); an unpinned slot keeps its adapter (a later request reuses it
+  without copying) until it is the least recently used one and a slot is needed.
 
-The scheduler never runs more distinct adapters at once than there are slots (scheduler.py), so
-`acquire` always finds one; if it cannot, that is a bug and it says so.
+The scheduler never runs more distinct adapters in one step than there are slots (scheduler.py), so
+`activate` always finds them; if it cannot, that is a bug and it says so.
 """
 from __future__ import annotations
 
@@ -53,7 +53,7 @@ class LoRAManager:
             linear.lora_weights = self.layers[name] = LoRALayerWeights(
                 linear.in_features, linear.out_sizes, settings.max_loras, rank, dtype, device)
         self.known: dict[int, LoRARequest] = {}  # every adapter added, by id: its path, to read it again
-        self.removed: set[int] = set()  # removed while requests still ran under them
+        self.removed: set[int] = set()  # removed while a step still used them: vacated once unused
         self.cpu: OrderedDict[int, LoRAModel] = OrderedDict()  # LRU: oldest first
         self.slot_of: dict[int, int] = {}  # adapter id -> GPU slot
         self.slot_ids: list[int | None] = [None] * settings.max_loras  # GPU slot -> adapter id
@@ -88,7 +88,7 @@ class LoRAManager:
         return model
 
     def remove(self, lora_int_id: int) -> None:
-        """Drop an adapter's CPU copy now and its GPU slot as soon as no request holds it. Its path stays
+        """Drop an adapter's CPU copy now and its GPU slot as soon as no step uses it. Its path stays
         known: requests already queued under it still run (new ones are stopped by the caller)."""
         self.cpu.pop(lora_int_id, None)
         slot = self.slot_of.get(lora_int_id)
@@ -98,35 +98,46 @@ class LoRAManager:
             self.removed.add(lora_int_id)
 
     # ---------------------------------------------------------------- GPU slots
-    def acquire(self, lora_int_id: int) -> int:
-        """The GPU slot holding this (added) adapter, loading it there if need be (from the CPU cache, or
-        from disk); the slot stays pinned until `release`."""
-        slot = self.slot_of.get(lora_int_id)
-        if slot is None:
-            request = self.known.get(lora_int_id)
-            if request is None:
-                raise LoRAError(f"LoRA adapter id {lora_int_id} was never added")
-            model = self.add(request)
-            slot = self._free_slot()
-            for layer, weights in self.layers.items():
-                shards = model.weights.get(layer)
-                if shards:
-                    weights.write(slot, shards)
-                else:
-                    weights.clear(slot)
-            self.slot_of[request.lora_int_id] = slot
-            self.slot_ids[slot] = request.lora_int_id
-        self.pins[slot] += 1
-        self.slot_lru.move_to_end(slot)
-        return slot
+    def activate(self, lora_ids) -> dict[int, int]:
+        """Pin exactly the slots of these (added) adapters for the coming step, loading those not in a slot
+        (from the CPU cache, or from disk) into the least recently used free ones; every other slot is
+        unpinned. Returns adapter id -> slot. The step's rows are its requests, so the pinned set is
+        what the step uses: the scheduler keeps it within max_loras."""
+        wanted = set(lora_ids)
+        if len(wanted) > self.num_slots:
+            raise RuntimeError(f"{len(wanted)} adapters in one step, but only {self.num_slots} LoRA slots: the "
+                               "scheduler let more distinct adapters run than --max-loras")
+        self.pins = [0] * self.num_slots
+        for lora_id in list(self.removed):
+            if lora_id not in wanted:
+                self.removed.discard(lora_id)
+                if lora_id in self.slot_of:
+                    self._vacate(self.slot_of[lora_id])
+        for lora_id in wanted & set(self.slot_of):  # resident ones first, so that loads cannot evict them
+            self._pin(self.slot_of[lora_id])
+        for lora_id in sorted(wanted - set(self.slot_of)):
+            self._pin(self._load(lora_id))
+        return {lora_id: self.slot_of[lora_id] for lora_id in wanted}
 
-    def release(self, lora_int_id: int) -> None:
-        slot = self.slot_of[lora_int_id]
-        assert self.pins[slot] > 0, f"adapter {lora_int_id} released more often than acquired"
-        self.pins[slot] -= 1
-        if self.pins[slot] == 0 and lora_int_id in self.removed:
-            self.removed.discard(lora_int_id)
-            self._vacate(slot)  # removed while in use
+    def _pin(self, slot: int) -> None:
+        self.pins[slot] = 1
+        self.slot_lru.move_to_end(slot)
+
+    def _load(self, lora_int_id: int) -> int:
+        request = self.known.get(lora_int_id)
+        if request is None:
+            raise LoRAError(f"LoRA adapter id {lora_int_id} was never added")
+        model = self.add(request)
+        slot = self._free_slot()
+        for layer, weights in self.layers.items():
+            shards = model.weights.get(layer)
+            if shards:
+                weights.write(slot, shards)
+            else:
+                weights.clear(slot)
+        self.slot_of[lora_int_id] = slot
+        self.slot_ids[slot] = lora_int_id
+        return slot
 
     def _free_slot(self) -> int:
         for slot in self.slot_lru:  # least recently used first
@@ -134,8 +145,7 @@ class LoRAManager:
                 if self.slot_ids[slot] is not None:
                     self._vacate(slot)
                 return slot
-        raise RuntimeError(f"all {self.num_slots} LoRA slots are in use: the scheduler let more distinct "
-                           "adapters run than --max-loras")
+        raise RuntimeError(f"all {self.num_slots} LoRA slots are in use")
 
     def _vacate(self, slot: int) -> None:
         # The slot's buffers keep their values: a slot is only read for tokens mapped to it, and the next
