@@ -86,6 +86,8 @@ except ImportError:  # CPU-only installs use the references
 
 
 if triton is not None:
+    # The split stride of the shrink's partials (tokens x N) changes with the step's token count: it is not
+    # specialised on, or a new divisibility would compile a new kernel (about a second) mid-run.
     @triton.jit
     def _slot_rows(sorted_ptr, starts_ptr, slot, pid_m, BLOCK_M: tl.constexpr):
         """Token rows of tile pid_m of this slot's tokens, and their mask (all False past its end)."""
@@ -96,7 +98,7 @@ if triton is not None:
         rows = tl.load(sorted_ptr + start + offs_m, mask=mask_m, other=0).to(tl.int64)
         return rows, mask_m, count
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["stride_ys"])
     def _shrink_kernel(x_ptr, a_ptr, y_ptr, sorted_ptr, starts_ptr, K, N, k_per_split, stride_xm, stride_as,
                        stride_an, stride_ys, stride_ym, num_n_blocks,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -125,7 +127,7 @@ if triton is not None:
         tl.store(y_ptr + split * stride_ys + rows[:, None] * stride_ym + offs_n[None, :], acc,
                  mask=mask_m[:, None] & mask_n[None, :])
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["stride_ys"])
     def _expand_kernel(y_ptr, b_ptr, out_ptr, sorted_ptr, starts_ptr, slices_ptr, rank, num_splits, stride_ys,
                        stride_ym, stride_bs, stride_bn, stride_om, num_n_blocks,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
