@@ -86,8 +86,6 @@ except ImportError:  # CPU-only installs use the references
 
 
 if triton is not None:
-    # The split stride of the shrink's partials (tokens x N) changes with the step's token count: it is not
-    # specialised on, or a new divisibility would compile a new kernel (about a second) mid-run.
     @triton.jit
     def _slot_rows(sorted_ptr, starts_ptr, slot, pid_m, BLOCK_M: tl.constexpr):
         """Token rows of tile pid_m of this slot's tokens, and their mask (all False past its end)."""
@@ -98,6 +96,8 @@ if triton is not None:
         rows = tl.load(sorted_ptr + start + offs_m, mask=mask_m, other=0).to(tl.int64)
         return rows, mask_m, count
 
+    # The split stride of the shrink's partials (tokens x N) changes with the step's token count: it is not
+    # specialised on, or a new divisibility would compile a new kernel (about a second) mid-run.
     @triton.jit(do_not_specialize=["stride_ys"])
     def _shrink_kernel(x_ptr, a_ptr, y_ptr, sorted_ptr, starts_ptr, K, N, k_per_split, stride_xm, stride_as,
                        stride_an, stride_ys, stride_ym, num_n_blocks,
