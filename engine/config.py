@@ -15,7 +15,6 @@ NOT_YET_SUPPORTED = {
     "speculative_model": (None, "speculative decoding"),
     "speculative_config": (None, "speculative decoding"),
     "num_speculative_tokens": (None, "speculative decoding"),
-    "enable_lora": (False, "LoRA serving (the adapters, kernels and server are in; the engine step is not wired yet)"),
     "tensor_parallel_size": (1, "tensor parallelism"),
     "pipeline_parallel_size": (1, "pipeline parallelism"),
 }

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from engine.block_manager import BlockManager
 from engine.config import EngineConfig
 from engine.executor import PendingModelOutput, UniprocExecutor
+from engine.lora.request import LoRAError, LoRARequest
 from engine.messages import CoreOutput, CoreRequest, EngineStats
 from engine.model_loader import load_hf_config, load_tokenizer
 from engine.output_handler import OutputHandler
@@ -99,8 +100,13 @@ class EngineCore:
             logit_bias=params.logit_bias or None, allowed_token_ids=params.allowed_token_ids or None)
         max_tokens = params.max_tokens if params.max_tokens is not None else self.config.max_model_len
         prompt = request.prompt_token_ids
+        lora_id = 0
+        if request.lora is not None:
+            self.add_lora(request.lora)  # read and checked now: LoRAError (a ValueError) refuses the request
+            lora_id = request.lora.lora_int_id
         seq = Sequence(request.request_id, prompt, params, sampling, request.arrival_time,
-                       max_num_tokens=min(len(prompt) + max_tokens, self.config.max_model_len), stop_ids=stop_ids)
+                       max_num_tokens=min(len(prompt) + max_tokens, self.config.max_model_len), stop_ids=stop_ids,
+                       lora_id=lora_id)
         seq.client_index = request.client_index
         self.scheduler.add(seq)
         self.requests[request.request_id] = seq
@@ -133,6 +139,18 @@ class EngineCore:
             if not seq.is_finished:
                 self.scheduler.finish(seq, reason)
             self._finished_outputs.append(CoreOutput(rid, [], finish_reason=reason))
+
+    def add_lora(self, request: LoRARequest) -> None:
+        """Read and check an adapter into the workers' CPU cache (vLLM's add_lora); LoRAError if it cannot
+        be used."""
+        if not self.config.enable_lora:
+            raise LoRAError(f"LoRA adapter {request.lora_name!r} asked for, but LoRA is not enabled "
+                            "(enable_lora / --enable-lora)")
+        self.executor.add_lora(request)
+
+    def remove_lora(self, lora_int_id: int) -> None:
+        if self.config.enable_lora:
+            self.executor.remove_lora(lora_int_id)
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests) or bool(self._finished_outputs)

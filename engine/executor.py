@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Protocol
 
 from engine.config import EngineConfig
+from engine.lora.request import LoRARequest
 from engine.scheduler_output import ModelRunnerOutput, SchedulerOutput
 from engine.step_timer import StepTimer
 from engine.worker import Worker
@@ -37,6 +38,13 @@ class UniprocExecutor:
 
     def execute_model(self, plan: SchedulerOutput) -> PendingModelOutput:
         return self.worker.execute_model(plan)
+
+    def add_lora(self, request: LoRARequest) -> None:
+        """Every worker reads and checks the adapter (the plans then name it by id only)."""
+        self.worker.add_lora(request)
+
+    def remove_lora(self, lora_int_id: int) -> None:
+        self.worker.remove_lora(lora_int_id)
 
     def shutdown(self) -> None:
         self.worker.shutdown()

@@ -25,6 +25,8 @@ import torch
 from engine.config import EngineConfig
 from engine.input_batch import InputBatch, RequestState, apply_plan, host_array
 from engine.layers.attention import AttentionMetadata
+from engine.lora.layers import LoRAMapping
+from engine.lora.manager import LoRAManager
 from engine.messages import TokenLogprobs
 from engine.prompt_logprobs import (
     PromptRows,
@@ -42,6 +44,7 @@ from engine.scheduler_output import (
     SchedulerOutput,
 )
 from engine.step_timer import StepTimer
+from kernels.lora import LoRAIndices, lora_indices
 
 log = logging.getLogger("engine")
 
@@ -100,6 +103,7 @@ class StepInputs:
     graph_size: int | None  # the CUDA graph that runs this step
     prompt_rows: list[PromptRows]  # rows that score prompt tokens (requests with prompt_logprobs)
     prompt_scores: TokenScores | None = None  # their scores, once the model ran
+    lora: LoRAMapping | None = None  # each token's adapter slot (None: no adapter in this eager step)
 
 
 class PendingOutput:
@@ -158,7 +162,7 @@ class PendingOutput:
 
 class ModelRunner:
     def __init__(self, config: EngineConfig, model: torch.nn.Module, device: torch.device,
-                 timer: StepTimer | None = None):
+                 timer: StepTimer | None = None, lora: LoRAManager | None = None):
         self.config = config
         self.model = model
         self.device = device
@@ -174,8 +178,13 @@ class ModelRunner:
         self.staging64 = Staging({"logits_indices": seqs, "gather_dst": seqs, "gather_src": seqs,
                                   "input_ids": tokens, "positions": tokens, "slot_mapping": tokens},
                                  torch.int64, device)
-        self.staging32 = Staging({"context_lens": seqs, "cu_seqlens": seqs + 1, "samples": seqs, "blocked": seqs},
-                                 torch.int32, device)
+        self.staging32 = Staging({"context_lens": seqs, "cu_seqlens": seqs + 1, "samples": seqs, "blocked": seqs,
+                                  "lora_slots": tokens}, torch.int32, device)
+        self.lora = lora
+        self._profile_lora = False  # the memory profile runs the LoRA kernels on every token (slot 0)
+        if lora is not None:  # the decode graphs' fixed LoRA indices, refilled before each replay
+            self._graph_sorted = torch.zeros(seqs, dtype=torch.int32, device=device)
+            self._graph_starts = torch.zeros(lora.num_slots + 1, dtype=torch.int32, device=device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.graph_hidden: torch.Tensor | None = None
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -236,7 +245,7 @@ class ModelRunner:
             self.graphs[inputs.graph_size].replay()
             hidden = self.graph_hidden[:inputs.num_rows]
         else:
-            hidden = self.model(inputs.input_ids, inputs.positions, inputs.meta)
+            hidden = self.model(inputs.input_ids, inputs.positions, inputs.meta, inputs.lora)
         if inputs.prompt_rows:
             inputs.prompt_scores = score_prompt_rows(self.model.compute_logits, hidden, inputs.prompt_rows,
                                                      self.vocab_size)
@@ -292,6 +301,7 @@ class ModelRunner:
         if len(gather_dst):
             s64.put("gather_dst", gather_dst)
             s64.put("gather_src", batch.pending_index[tok_row[gather_dst]])
+        any_lora = self._put_lora_slots(tok_row, rows, padded_tokens)
         all_sample = bool(samples.all())
         if not all_sample:
             s32.put("samples", samples)
@@ -320,7 +330,8 @@ class ModelRunner:
             rows, num_tokens, self._num_decodes, input_ids[:num_tokens], s64.dev("positions", num_tokens), meta,
             None if num_tokens == rows else s64.dev("logits_indices", rows), samples,
             None if all_sample else s32.dev("samples", rows), blocked,
-            None if blocked is None else s32.dev("blocked", rows), graph, self._prompt_rows(start, n, cu))
+            None if blocked is None else s32.dev("blocked", rows), graph, self._prompt_rows(start, n, cu),
+            lora=self._lora_mapping(any_lora, padded_tokens, graph))
 
     def _prompt_rows(self, start: np.ndarray, n: np.ndarray, cu: np.ndarray) -> list[PromptRows]:
         """The step's rows that score prompt tokens (rows of requests with prompt_logprobs only)."""
@@ -337,6 +348,45 @@ class ModelRunner:
                 req.num_prompt_scored = min(end, len(req.prompt_token_ids) - 1)
         return rows
 
+    # ---------------------------------------------------------------- LoRA
+    def _put_lora_slots(self, tok_row: np.ndarray, rows: int, padded_tokens: int) -> bool:
+        """Pin the GPU slots of the adapters in the batch (loading the missing ones) and stage each
+        token's slot (-1: none, the graph's padding too). False when no row has an adapter."""
+        if self.lora is None:
+            return False
+        ids = self.batch.lora_ids[:rows]
+        if self._profile_lora:
+            row_slots = np.zeros(rows, dtype=np.int32)
+        else:
+            slot_of = self.lora.activate(np.unique(ids[ids > 0]).tolist())
+            if not slot_of:
+                return False
+            row_slots = np.full(rows, -1, dtype=np.int32)
+            for lora_id, slot in slot_of.items():
+                row_slots[ids == lora_id] = slot
+        self.staging32.put("lora_slots", row_slots[tok_row], pad_to=padded_tokens, pad_value=-1)
+        return True
+
+    def _lora_mapping(self, any_lora: bool, padded_tokens: int, graph: int | None) -> LoRAMapping | None:
+        """The eager step's mapping; for a graph, its fixed indices refilled (emptied without adapters)."""
+        if self.lora is None:
+            return None
+        if graph is not None:
+            if any_lora:
+                fresh = lora_indices(self.staging32.dev("lora_slots", graph), self.lora.num_slots)
+                self._graph_sorted[:graph].copy_(fresh.sorted_tokens)
+                self._graph_starts.copy_(fresh.slot_starts)
+            else:
+                self._graph_starts.zero_()  # every slot empty: the captured kernels add nothing
+            return None
+        if not any_lora:
+            return None
+        return LoRAMapping.build(self.staging32.dev("lora_slots", padded_tokens), self.lora.num_slots)
+
+    def _graph_lora(self, bs: int) -> LoRAMapping:
+        indices = LoRAIndices(self.staging32.dev("lora_slots", bs), self._graph_sorted[:bs], self._graph_starts)
+        return LoRAMapping(indices, use_triton=True)
+
     def _graph_size(self, rows: int, num_tokens: int) -> int | None:
         if not self.graphs or num_tokens != rows or self._num_decodes != rows or rows > max(self.graphs):
             return None
@@ -350,9 +400,10 @@ class ModelRunner:
             context_lens=s32.dev("context_lens", bs), cu_seqlens_q=s32.dev("cu_seqlens", bs + 1),
             num_decode_seqs=bs, max_query_len=1, max_context_len=self.config.max_model_len)
 
-    def _graph_inputs(self, bs: int) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+    def _graph_inputs(self, bs: int) -> tuple:
         """The captured step reads its inputs from the fixed device buffers; fill them with a valid
-        padding batch (slot -1: nothing stored; context 1: block 0 of an all-zero table row)."""
+        padding batch (slot -1: nothing stored; context 1: block 0 of an all-zero table row; no adapter).
+        With LoRA, the step's LoRA mapping reads fixed indices too (refilled before each replay)."""
         s64, s32 = self.staging64, self.staging32
         assert len(self.batch) == 0, "graphs are captured with the batch empty"
         self.batch.block_table.clear()
@@ -360,7 +411,12 @@ class ModelRunner:
             s64.dev(name, bs).fill_(value)
         s32.dev("context_lens", bs).fill_(1)
         s32.dev("cu_seqlens", bs + 1).copy_(torch.arange(bs + 1, dtype=torch.int32, device=self.device))
-        return s64.dev("input_ids", bs), s64.dev("positions", bs), self._graph_meta(bs)
+        args = (s64.dev("input_ids", bs), s64.dev("positions", bs), self._graph_meta(bs))
+        if self.lora is None:
+            return args
+        s32.dev("lora_slots", bs).fill_(-1)
+        self._graph_starts.zero_()
+        return (*args, self._graph_lora(bs))
 
     @torch.inference_mode()
     def warm_up_graph(self, bs: int) -> None:
@@ -423,8 +479,13 @@ class ModelRunner:
 
     def run_profile_plan(self, plan: SchedulerOutput) -> None:
         """Run the plan through the real path (plan -> batch -> inputs -> forward -> sampler), then
-        forget its requests."""
-        self.execute_model(plan).result()
+        forget its requests. With LoRA, every token goes through the LoRA kernels (slot 0, all zeros
+        then), so that their temporaries are in the peak."""
+        self._profile_lora = self.lora is not None
+        try:
+            self.execute_model(plan).result()
+        finally:
+            self._profile_lora = False
         self.execute_model(SchedulerOutput(finished_req_ids=[r.req_id for r in plan.new_requests])).result()
         self.batch.block_table.clear()  # its block ids were the scratch cache's
         self.timer.reset()

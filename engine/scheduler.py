@@ -55,9 +55,15 @@ class ScheduledStep:
         return bool(self.seqs)
 
 
+def prefix_key(seq: Sequence) -> int | None:
+    """The prefix cache's extra key: KV computed under one adapter is never reused under another."""
+    return seq.lora_id or None
+
+
 class Scheduler:
     def __init__(self, config: EngineConfig, block_manager: BlockManager):
         self.max_num_seqs = config.max_num_seqs
+        self.max_loras = config.max_loras if config.enable_lora else 0
         self.max_num_batched_tokens = config.max_num_batched_tokens
         self.chunked_prefill = config.enable_chunked_prefill
         self.block_manager = block_manager
@@ -98,7 +104,7 @@ class Scheduler:
             if not self._make_room(seq, num_new, scheduled, preempted):
                 continue  # seq itself was preempted
             self.block_manager.allocate(seq, num_new)
-            self.block_manager.register_full_blocks(seq, seq.num_computed_tokens + num_new)
+            self.block_manager.register_full_blocks(seq, seq.num_computed_tokens + num_new, prefix_key(seq))
             scheduled[seq] = num_new
             budget -= num_new
         if not preempted:  # as vLLM: admit nothing new in a step that had to preempt
@@ -118,14 +124,21 @@ class Scheduler:
         return True
 
     def _admit_waiting(self, budget: int, scheduled: dict) -> None:
+        # The adapters running now: a request under another one waits while they fill the GPU slots (it
+        # keeps its place; requests behind it with a running adapter, or none, go ahead).
+        adapters = {s.lora_id for s in self.running if s.lora_id}
+        held: list[Sequence] = []
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             if seq.num_pending_tokens:
                 break  # preempted with a token in flight: it comes back once that token is known
+            if seq.lora_id and seq.lora_id not in adapters and len(adapters) >= self.max_loras:
+                held.append(self.waiting.popleft())
+                continue
             # A request scoring its prompt needs every prompt row computed: it does not read the prefix
             # cache (as vLLM v1; engine/prompt_logprobs.py).
             if not seq.block_table and seq.num_computed_tokens == 0 and seq.prompt_logprobs is None:
-                cached = self.block_manager.match_prefix(seq)
+                cached = self.block_manager.match_prefix(seq, prefix_key(seq))
                 set_prefix_hit(seq, cached)
                 if seq.first_scheduled_time is None:
                     seq.num_cached_tokens = cached
@@ -139,13 +152,16 @@ class Scheduler:
                 break
             self.waiting.popleft()
             self.block_manager.allocate(seq, num_new)
-            self.block_manager.register_full_blocks(seq, seq.num_computed_tokens + num_new)
+            self.block_manager.register_full_blocks(seq, seq.num_computed_tokens + num_new, prefix_key(seq))
             seq.status = SequenceStatus.RUNNING
+            if seq.lora_id:
+                adapters.add(seq.lora_id)
             if seq.first_scheduled_time is None:
                 seq.first_scheduled_time = time.monotonic()
             self.running.append(seq)
             scheduled[seq] = num_new
             budget -= num_new
+        self.waiting.extendleft(reversed(held))
 
     def _release_prefix(self, seq: Sequence) -> None:
         """Undo a prefix match for a sequence that stays waiting, so its blocks stay evictable."""

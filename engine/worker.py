@@ -26,6 +26,8 @@ from engine.kv_cache import (
     kv_cache_bytes,
     num_blocks_for,
 )
+from engine.lora.manager import LoRAManager, LoRASettings
+from engine.lora.request import LoRARequest
 from engine.model_loader import build_model
 from engine.model_runner import ModelRunner, PendingOutput, graph_batch_sizes
 from engine.scheduler_output import SchedulerOutput
@@ -51,8 +53,11 @@ class Worker:
         self.earlier = allocated()  # this process's tensors from before (another engine, a benchmark's)
         model = build_model(config.hf_config, config.torch_dtype, self.device, model_dir, config.load_format,
                             config.seed)
+        # The adapters' GPU slots are weights too (allocated once, whatever the batch).
+        self.lora = LoRAManager(model, LoRASettings(config.max_loras, config.max_lora_rank, config.max_cpu_loras),
+                                config.torch_dtype, self.device) if config.enable_lora else None
         self.weights = allocated() - self.earlier
-        self.runner = ModelRunner(config, model, self.device, timer)
+        self.runner = ModelRunner(config, model, self.device, timer, self.lora)
         self.batch_buffers = allocated() - self.earlier - self.weights
         self.memory_profile: MemoryProfile | None = None
 
@@ -118,6 +123,12 @@ class Worker:
     # ---------------------------------------------------------------- steps
     def execute_model(self, plan: SchedulerOutput) -> PendingOutput:
         return self.runner.execute_model(plan)
+
+    def add_lora(self, request: LoRARequest) -> None:
+        self.lora.add(request)
+
+    def remove_lora(self, lora_int_id: int) -> None:
+        self.lora.remove(lora_int_id)
 
     def shutdown(self) -> None:
         self.runner.release()

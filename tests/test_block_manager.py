@@ -33,6 +33,8 @@ class FakeConfig:
         self.max_num_seqs = kw.get("max_num_seqs", 4)
         self.max_num_batched_tokens = kw.get("max_num_batched_tokens", 32)
         self.enable_chunked_prefill = kw.get("enable_chunked_prefill", True)
+        self.enable_lora = kw.get("enable_lora", False)
+        self.max_loras = kw.get("max_loras", 1)
 
 
 def test_prefix_hits_counted_exactly():

@@ -130,7 +130,7 @@ def test_generation_stops_at_max_model_len():
 
 
 @pytest.mark.parametrize("option,value", [("quantization", "awq"), ("speculative_model", "x"),
-                                          ("tensor_parallel_size", 2), ("enable_lora", True)])
+                                          ("tensor_parallel_size", 2)])
 def test_not_yet_supported_options_are_refused(option, value):
     with pytest.raises(ConfigError, match=option):
         LLM("tiny", **{option: value})
