@@ -104,3 +104,15 @@ def test_bench_lora_load_measures_until_served(lora_server, tmp_path):
     assert result["median_until_served_ms"] > 0
     served = {m["id"] for m in httpx.get(lora_server.url + "/v1/models").json()["data"]}
     assert served == {"tiny", "qv8", "k1"}  # every adapter it loaded was unloaded again
+
+
+def test_bench_lora_load_in_process(tmp_path):
+    out = tmp_path / "load.json"
+    r = invoke("bench", "lora-load", "--model", "tiny", "--load-format", "auto", "--adapter",
+               str(adapter_dir("tiny", "all16")), "--repeats", "2", "--max-loras", "2", "--output-json", str(out))
+    assert r.exit_code == 0, r.output
+    result = json.loads(out.read_text())
+    assert len(result["samples"]) == 2 and result["median_until_served_ms"] > 0
+    assert result["mode"].startswith("offline")
+    r = invoke("bench", "lora-load", "--model", "tiny", "--adapter", str(tmp_path), "--repeats", "1")
+    assert r.exit_code == 1 and "no adapter_config.json" in r.output

@@ -130,3 +130,43 @@ def measure_load_latency(base_url: str, adapter_path: str, repeats: int, api_key
     medians = {f"median_{k}": statistics.median(s[k] for s in samples) for k in samples[0]}
     return {"base_url": base, "adapter_path": adapter_path, "base_model": base_model, "repeats": repeats,
             "samples": samples, **medians}
+
+
+def measure_load_latency_offline(model: str, adapter_path: str, repeats: int, engine_kwargs: dict,
+                                 prompt_len: int = 16) -> dict:
+    """The same measurement in-process, for a machine without the server's packages: per repeat, a
+    fresh adapter id is added to the engine (read and checked, as POST /v1/load_lora_adapter does in
+    the core) and a 1-token request under it runs at once (GPU slot load, prefill, first token). The
+    server adds its HTTP and IPC hops (a few ms) on top."""
+    import statistics
+    import time
+
+    from engine import LLM, SamplingParams
+
+    llm = LLM(model, enable_lora=True, **engine_kwargs)
+    engine = llm.llm_engine
+    prompt = {"prompt_token_ids": list(range(10, 10 + prompt_len))}
+    one = SamplingParams(temperature=0.0, max_tokens=1)
+
+    def run(lora) -> float:
+        start = time.perf_counter()
+        llm.generate(prompt, one, use_tqdm=False, lora_request=lora)
+        return time.perf_counter() - start
+
+    run(None)  # warm the path
+    run(LoRARequest("warm-up", 10_000, adapter_path))  # compiles the LoRA kernels outside the timing
+    samples = []
+    for i in range(repeats):
+        request = LoRARequest(f"load-latency-{i}", 10_001 + i, adapter_path)
+        start = time.perf_counter()
+        engine.core.add_lora(request)
+        loaded = time.perf_counter()
+        first = run(request)
+        samples.append({"load_ms": (loaded - start) * 1e3, "first_request_ms": first * 1e3,
+                        "until_served_ms": (loaded - start + first) * 1e3, "warm_request_ms": run(request) * 1e3,
+                        "base_request_ms": run(None) * 1e3})
+        engine.core.remove_lora(request.lora_int_id)
+    engine.shutdown()
+    medians = {f"median_{k}": statistics.median(s[k] for s in samples) for k in samples[0]}
+    return {"mode": "offline (in-process engine; the server adds its HTTP and IPC hops)", "model": model,
+            "adapter_path": adapter_path, "repeats": repeats, "engine": engine_kwargs, "samples": samples, **medians}

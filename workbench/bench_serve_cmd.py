@@ -181,15 +181,25 @@ def lora_load(adapter: str = typer.Option(..., help="adapter directory (PEFT), a
               base_url: str = typer.Option("http://127.0.0.1:8000", help="server root, without /v1"),
               api_key: str = typer.Option(None, envvar="OPENAI_API_KEY"),
               repeats: int = typer.Option(10, min=1),
+              model: str = typer.Option(None, help="measure in-process on this model instead of a server (for a "
+                                                   "machine without the server's packages)"),
+              load_format: str = typer.Option("dummy", help="with --model"),
+              max_loras: int = typer.Option(8, help="with --model"),
+              max_lora_rank: int = typer.Option(16, help="with --model"),
               output_json: Path = typer.Option(None, help="write the measurement here")) -> None:
     """Runtime LoRA load latency: POST /v1/load_lora_adapter, then at once a request under it; the time
-    until it is served (the server needs VLLM_ALLOW_RUNTIME_LORA_UPDATING=True and --enable-lora)."""
-    from workbench.bench_lora import measure_load_latency
+    until it is served (the server needs VLLM_ALLOW_RUNTIME_LORA_UPDATING=True and --enable-lora). With
+    --model, the same in-process."""
+    from workbench.bench_lora import measure_load_latency, measure_load_latency_offline
     from workbench.results import collect_environment
 
     try:
-        result = measure_load_latency(base_url, adapter, repeats, api_key)
-    except (RuntimeError, httpx.HTTPError) as exc:
+        if model:
+            result = measure_load_latency_offline(model, adapter, repeats, {
+                "load_format": load_format, "max_loras": max_loras, "max_lora_rank": max_lora_rank})
+        else:
+            result = measure_load_latency(base_url, adapter, repeats, api_key)
+    except (RuntimeError, ValueError, httpx.HTTPError) as exc:  # ConfigError and LoRAError are ValueErrors
         fail(str(exc))
     result |= {"commit": collect_environment().commit, "command": " ".join(sys.argv)}
     for k in ("load_ms", "first_request_ms", "until_served_ms", "warm_request_ms", "base_request_ms"):
