@@ -206,8 +206,9 @@ def test_max_waiting_requests_sheds_load_with_429():
         from workbench.loadgen.config import ServeBenchConfig
         from workbench.loadgen.runner import run_serve_benchmark
 
+        # Long replies, so that the 24 requests overlap even when a loaded machine sends them slowly.
         result = run_serve_benchmark(ServeBenchConfig(base_url=srv.url, model="tiny", num_prompts=24, input_len=8,
-                                                      output_len=40, ignore_eos=True), progress=False)
+                                                      output_len=200, ignore_eos=True), progress=False)
         assert result.metrics["failed"] > 0 and result.metrics["completed"] > 0
         assert set(result.extra["errors"]) == {"RateLimitError:429"}, result.extra["errors"]
     finally:
