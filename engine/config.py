@@ -11,7 +11,6 @@ GiB = 1 << 30
 # Options whose capability has not landed yet. They are accepted by name (so vLLM code and
 # command lines parse) and refused with a clear error when set to anything but the default.
 NOT_YET_SUPPORTED = {
-    "quantization": (None, "AWQ/GPTQ 4-bit weights"),
     "speculative_model": (None, "speculative decoding"),
     "speculative_config": (None, "speculative decoding"),
     "num_speculative_tokens": (None, "speculative decoding"),
@@ -58,8 +57,10 @@ class EngineConfig:
     max_loras: int = 1
     max_lora_rank: int = 16
     max_cpu_loras: int | None = None
-    # Not yet supported (see NOT_YET_SUPPORTED).
+    # AWQ/GPTQ checkpoints are detected from config.json; when given, this must name the checkpoint's
+    # method ("awq", "gptq", or vLLM's aliases "awq_marlin", "gptq_marlin").
     quantization: str | None = None
+    # Not yet supported (see NOT_YET_SUPPORTED).
     speculative_model: str | None = None
     speculative_config: dict | None = None
     num_speculative_tokens: int | None = None
@@ -68,6 +69,7 @@ class EngineConfig:
     # Filled in by resolve() from the checkpoint and the device.
     hf_config: Any = field(default=None, repr=False)
     torch_dtype: torch.dtype | None = field(default=None, repr=False)
+    quant_config: Any = field(default=None, repr=False)  # engine/quantization/config.py QuantConfig, or None
 
     def __post_init__(self) -> None:
         for name, (default, what) in NOT_YET_SUPPORTED.items():
@@ -87,6 +89,9 @@ class EngineConfig:
         if self.device not in ("auto", "cuda", "cpu"):
             raise ConfigError(f"device must be auto, cuda or cpu; got {self.device!r}")
         self._check_lora()
+        from engine.quantization.config import normalize_option
+
+        normalize_option(self.quantization)  # a bad name fails before anything loads
         if self.device == "auto":
             self.device = "cuda" if torch.cuda.is_available() else "cpu"
         if self.device == "cuda" and not torch.cuda.is_available():
@@ -104,11 +109,14 @@ class EngineConfig:
 
     @classmethod
     def field_names(cls) -> set[str]:
-        return {f.name for f in fields(cls)} - {"hf_config", "torch_dtype"}
+        return {f.name for f in fields(cls)} - {"hf_config", "torch_dtype", "quant_config"}
 
     def resolve(self, hf_config: Any) -> None:
         """Fill in what depends on the checkpoint: dtype, max_model_len, the token budget."""
+        from engine.quantization.config import resolve as resolve_quantization
+
         self.hf_config = hf_config
+        self.quant_config = resolve_quantization(self.quantization, hf_config)
         self.torch_dtype = _pick_dtype(self.dtype, hf_config, self.device)
         model_max = int(getattr(hf_config, "max_position_embeddings", 2048) or 2048)
         if self.max_model_len is None:

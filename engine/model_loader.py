@@ -53,13 +53,14 @@ def load_tokenizer(path: Path):
 
 
 def build_model(hf_config, dtype: torch.dtype, device: torch.device, model_dir: Path, load_format: str,
-                seed: int) -> nn.Module:
+                seed: int, quant_config=None) -> nn.Module:
+    """`quant_config`: the checkpoint's QuantConfig (engine/quantization/config.py), None when dense."""
     model_cls = ARCHITECTURES[hf_config.architectures[0]]
     with torch.device(device):
         default_dtype = torch.get_default_dtype()
         torch.set_default_dtype(dtype)
         try:
-            model = model_cls(hf_config)
+            model = model_cls(hf_config, quant_config)
         finally:
             torch.set_default_dtype(default_dtype)
     if load_format == "dummy":
@@ -72,7 +73,14 @@ def build_model(hf_config, dtype: torch.dtype, device: torch.device, model_dir: 
 def init_dummy_weights(model: nn.Module, seed: int) -> None:
     """vLLM's --load-format dummy: random weights of the right shapes; speed depends on shapes only."""
     generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+    quantized = set()
+    for name, module in model.named_modules():
+        if isinstance(module, Linear) and hasattr(module.method, "init_dummy"):
+            module.method.init_dummy(module, generator)
+            quantized |= {f"{name}.{p}" for p, _ in module.named_parameters()}
     for name, param in model.named_parameters():
+        if name in quantized:
+            continue
         if name.endswith("norm.weight") or "layernorm" in name:
             param.data.fill_(1.0)
         else:
@@ -121,12 +129,16 @@ def load_weights(model: nn.Module, model_dir: Path) -> None:
 def _load_one(model: nn.Module, params: dict, name: str, tensor: torch.Tensor) -> tuple[str, int]:
     """Copy one checkpoint tensor into its parameter, or into its shard of a merged one.
     Returns (parameter name, shard index)."""
-    for piece, (merged, shard) in model.packed_shards.items():
+    target, shard = name, 0
+    for piece, (merged, index) in model.packed_shards.items():
         if f".{piece}." in name:
-            target = name.replace(f".{piece}.", f".{merged}.")
-            module_name, param_name = target.rsplit(".", 1)
-            model.get_submodule(module_name).load_shard(param_name, shard, tensor)
-            return target, shard
+            target, shard = name.replace(f".{piece}.", f".{merged}."), index
+            break
+    module_name, param_name = target.rsplit(".", 1) if "." in target else ("", target)
+    module = _submodule(model, module_name)
+    if isinstance(module, Linear):  # dense or quantized: the layer's method knows its layout
+        module.load_shard(param_name, shard, tensor)
+        return target, shard
     if name not in params:
         raise ConfigError(f"checkpoint tensor {name!r} matches no parameter of {type(model).__name__}")
     param = params[name]
@@ -135,3 +147,10 @@ def _load_one(model: nn.Module, params: dict, name: str, tensor: torch.Tensor) -
                           f"the model expects {tuple(param.shape)}")
     param.data.copy_(tensor)
     return name, 0
+
+
+def _submodule(model: nn.Module, name: str) -> nn.Module | None:
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        return None

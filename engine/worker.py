@@ -52,7 +52,7 @@ class Worker:
         allocated = torch.cuda.memory_allocated if cuda else (lambda: 0)
         self.earlier = allocated()  # this process's tensors from before (another engine, a benchmark's)
         model = build_model(config.hf_config, config.torch_dtype, self.device, model_dir, config.load_format,
-                            config.seed)
+                            config.seed, config.quant_config)
         # The adapters' GPU slots are weights too (allocated once, whatever the batch).
         self.lora = LoRAManager(model, LoRASettings(config.max_loras, config.max_lora_rank, config.max_cpu_loras),
                                 config.torch_dtype, self.device) if config.enable_lora else None

@@ -9,7 +9,7 @@ from torch.nn import functional as F
 
 from kernels import activation
 from engine.layers.attention import Attention, AttentionMetadata
-from engine.layers.linear import Linear
+from engine.layers.linear import Linear, linear_method
 from engine.layers.norm import RMSNorm
 from engine.layers.rotary import RotaryEmbedding, rope_settings
 
@@ -19,15 +19,17 @@ def head_dim_of(config) -> int:
 
 
 class DecoderAttention(nn.Module):
-    def __init__(self, config, qkv_bias: bool, o_bias: bool):
+    def __init__(self, config, qkv_bias: bool, o_bias: bool, quant=None, prefix: str = ""):
         super().__init__()
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = getattr(config, "num_key_value_heads", None) or self.num_heads
         self.head_dim = head_dim_of(config)
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         self.sizes = [q_size, kv_size, kv_size]
-        self.qkv_proj = Linear(config.hidden_size, self.sizes, bias=qkv_bias)
-        self.o_proj = Linear(q_size, [config.hidden_size], bias=o_bias)
+        self.qkv_proj = Linear(config.hidden_size, self.sizes, bias=qkv_bias,
+                               method=linear_method(quant, f"{prefix}.qkv_proj", ("q_proj", "k_proj", "v_proj")))
+        self.o_proj = Linear(q_size, [config.hidden_size], bias=o_bias,
+                             method=linear_method(quant, f"{prefix}.o_proj"))
         theta, scaling = rope_settings(config)
         self.rotary = RotaryEmbedding(self.head_dim, config.max_position_embeddings, theta, scaling)
         self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim)
@@ -43,12 +45,13 @@ class DecoderAttention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, config):
+    def __init__(self, config, quant=None, prefix: str = ""):
         super().__init__()
         inter = config.intermediate_size
         bias = getattr(config, "mlp_bias", False)
-        self.gate_up_proj = Linear(config.hidden_size, [inter, inter], bias=bias)
-        self.down_proj = Linear(inter, [config.hidden_size], bias=bias)
+        self.gate_up_proj = Linear(config.hidden_size, [inter, inter], bias=bias,
+                                   method=linear_method(quant, f"{prefix}.gate_up_proj", ("gate_proj", "up_proj")))
+        self.down_proj = Linear(inter, [config.hidden_size], bias=bias, method=linear_method(quant, f"{prefix}.down_proj"))
 
     def forward(self, x: torch.Tensor, lora=None) -> torch.Tensor:
         gate_up = self.gate_up_proj(x, lora)
@@ -57,10 +60,10 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config, qkv_bias: bool, o_bias: bool):
+    def __init__(self, config, qkv_bias: bool, o_bias: bool, quant=None, prefix: str = ""):
         super().__init__()
-        self.self_attn = DecoderAttention(config, qkv_bias, o_bias)
-        self.mlp = MLP(config)
+        self.self_attn = DecoderAttention(config, qkv_bias, o_bias, quant, f"{prefix}.self_attn")
+        self.mlp = MLP(config, quant, f"{prefix}.mlp")
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -76,11 +79,12 @@ class DecoderLayer(nn.Module):
 
 
 class DecoderModel(nn.Module):
-    def __init__(self, config, qkv_bias: bool, o_bias: bool):
+    def __init__(self, config, qkv_bias: bool, o_bias: bool, quant=None):
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.embed_tokens.weight.requires_grad_(False)
-        self.layers = nn.ModuleList(DecoderLayer(config, qkv_bias, o_bias) for _ in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(DecoderLayer(config, qkv_bias, o_bias, quant, f"model.layers.{i}")
+                                    for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, input_ids, positions, meta, lora=None):
@@ -97,11 +101,13 @@ class LlamaForCausalLM(nn.Module):
     packed_shards = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
                      "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
 
-    def __init__(self, config):
+    def __init__(self, config, quant_config=None):
+        """`quant_config`: the checkpoint's QuantConfig (AWQ/GPTQ decoder linears; embeddings and the LM
+        head stay dense, as those formats keep them), or None."""
         super().__init__()
         self.config = config
         attention_bias = bool(getattr(config, "attention_bias", False))
-        self.model = DecoderModel(config, self.always_qkv_bias or attention_bias, attention_bias)
+        self.model = DecoderModel(config, self.always_qkv_bias or attention_bias, attention_bias, quant_config)
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
         self.lm_head = Linear(config.hidden_size, [config.vocab_size], bias=False)
         if self.tie_word_embeddings:
