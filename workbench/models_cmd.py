@@ -97,6 +97,47 @@ def lora(model: str = typer.Argument(..., help="Preset name or model directory (
     console.print(f"wrote a rank-{rank} LoRA adapter for {model} ({', '.join(names)}) to {out}")
 
 
+@app.command("quantize")
+def quantize(model: str = typer.Argument(..., help="Preset name (e.g. tiny, smollm2-135m) or a dense model directory."),
+             method: str = typer.Option(..., "--method", help="awq (AutoAWQ GEMM) or gptq (GPTQ v1)."),
+             out: Path = typer.Option(..., "--out", help="Directory to write the quantized model into."),
+             bits: int = typer.Option(4, "--bits", help="4, or 8 (GPTQ only)."),
+             group_size: int = typer.Option(128, "--group-size", help="Input rows per scale and zero point; -1: one "
+                                            "group per column."),
+             desc_act: bool = typer.Option(False, "--desc-act", help="GPTQ act-order (g_idx)."),
+             sym: bool = typer.Option(True, "--sym/--no-sym", help="GPTQ: symmetric (no stored zero points) or not. "
+                                      "AWQ is always asymmetric."),
+             rtn: bool = typer.Option(False, "--rtn", help="Round to nearest instead of the calibrated algorithm "
+                                      "(AWQ's scale search, GPTQ's Hessian updates)."),
+             calib_text: Path = typer.Option(None, "--calib-text", help="Calibration text (default: bench quality's "
+                                             "built-in text)."),
+             seq_len: int = typer.Option(512, "--seq-len", help="Tokens per calibration window."),
+             max_samples: int = typer.Option(128, "--max-samples", help="Calibration windows at most."),
+             force: bool = typer.Option(False, help="Overwrite a non-empty --out.")) -> None:
+    """Write an AWQ or GPTQ checkpoint (safetensors + config.json quantization_config) of a dense model."""
+    from engine.presets import resolve_model
+    from workbench.quantize.writer import QuantizeSpec, quantize_model
+
+    spec = QuantizeSpec(method, bits, group_size, desc_act, sym if method == "gptq" else True, not rtn, seq_len,
+                        max_samples)
+    if method == "awq" and not sym:
+        _fail("--no-sym is GPTQ's; AWQ always stores zero points", 2)
+    try:
+        spec.check()
+    except ValueError as exc:
+        _fail(str(exc), 2)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
+        _fail(f"{out} exists and is not empty; pass --force to overwrite")
+    try:
+        src = resolve_model(model)
+        quantize_model(src, out, spec, str(calib_text) if calib_text else None,
+                       log=lambda m: console.print(escape(m), highlight=False))
+    except (FileNotFoundError, ValueError, ConfigError) as exc:
+        _fail(escape(str(exc)), 2)
+    console.print(f"wrote {model} quantized with {method} ({bits}-bit, group {group_size}"
+                  f"{', act-order' if desc_act else ''}{', round to nearest' if rtn else ''}) to {out}")
+
+
 def _fail(message: str, code: int = 1):
     console.print(f"[red]error:[/] {message}", highlight=False)
     raise typer.Exit(code)

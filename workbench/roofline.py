@@ -94,9 +94,14 @@ class ModelShape:
     kv_heads: int
     head_dim: int
     dtype_bytes: int
+    # The bytes those weights take when they are not all in the compute dtype (AWQ/GPTQ: packed codes,
+    # scales and zeros); None: matmul_params x dtype_bytes.
+    stored_weight_bytes: int | None = None
 
     @property
     def weight_bytes(self) -> int:
+        if self.stored_weight_bytes is not None:
+            return self.stored_weight_bytes
         return self.matmul_params * self.dtype_bytes
 
     @property
@@ -111,12 +116,36 @@ class ModelShape:
         from engine.models.llama import head_dim_of
 
         hf, dtype = engine.config.hf_config, engine.config.torch_dtype
-        params = sum(p.numel() for p in engine.runner.model.parameters())  # a tied LM head counts once
+        model = engine.runner.model
+        elem = torch.empty(0, dtype=dtype).element_size()
+        params, nbytes = _logical_params_and_bytes(model)  # a tied LM head counts once
         if not getattr(hf, "tie_word_embeddings", False):
             params -= hf.vocab_size * hf.hidden_size  # the input embedding is a row lookup, not a matmul
+            nbytes -= hf.vocab_size * hf.hidden_size * model.model.embed_tokens.weight.element_size()
         return cls(matmul_params=params, layers=hf.num_hidden_layers, heads=hf.num_attention_heads,
                    kv_heads=getattr(hf, "num_key_value_heads", None) or hf.num_attention_heads,
-                   head_dim=head_dim_of(hf), dtype_bytes=torch.empty(0, dtype=dtype).element_size())
+                   head_dim=head_dim_of(hf), dtype_bytes=elem,
+                   stored_weight_bytes=None if engine.config.quant_config is None else nbytes)
+
+
+def _logical_params_and_bytes(model) -> tuple[int, int]:
+    """(parameters as a dense model counts them, bytes the tensors take): a quantized linear layer
+    counts in x out parameters whatever its packed tensors' element counts."""
+    from engine.layers.linear import Linear, UnquantizedMethod
+
+    params = nbytes = 0
+    quantized = set()
+    for module in model.modules():
+        if isinstance(module, Linear) and not isinstance(module.method, UnquantizedMethod):
+            params += module.in_features * sum(module.out_sizes)
+            quantized |= {id(p) for p in module.parameters(recurse=False)}
+            if module.bias is not None:
+                params += module.bias.numel()
+    for p in model.parameters():  # parameters() yields a shared (tied) tensor once
+        nbytes += p.numel() * p.element_size()
+        if id(p) not in quantized:
+            params += p.numel()
+    return params, nbytes
 
 
 def phase_floor(rates: DeviceRates, nbytes: float, flops: float) -> float:
