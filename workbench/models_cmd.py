@@ -139,5 +139,5 @@ def quantize(model: str = typer.Argument(..., help="Preset name (e.g. tiny, smol
 
 
 def _fail(message: str, code: int = 1):
-    console.print(f"[red]error:[/] {message}", highlight=False)
+    console.print(f"[red]error:[/] {message}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
