@@ -19,6 +19,7 @@ from torch import nn
 from workbench.quantize.rtn import Grid, fake_quantize
 
 N_GRID = 20
+LOSS_TOKENS = 1024  # the grid's losses on an even subset of the calibration tokens (the scales' mean|x| uses all)
 
 
 def scale_groups(layer, proj: dict[str, nn.Linear]) -> list[tuple[nn.Module, list[str]]]:
@@ -33,8 +34,9 @@ def scale_groups(layer, proj: dict[str, nn.Linear]) -> list[tuple[nn.Module, lis
 def search_scale(x: torch.Tensor, weights: list[torch.Tensor], grid: Grid, group_size: int) -> torch.Tensor:
     """The best per-input-channel scale s [K] for linears `weights` ([N_i, K] each) on inputs x [T, K]."""
     w = torch.cat(weights, dim=0).float()  # [N, K]
-    reference = x @ w.t()
     x_mean = x.abs().mean(dim=0)
+    x = x[::max(1, x.shape[0] // LOSS_TOKENS)]
+    reference = x @ w.t()
     best, best_loss = torch.ones_like(x_mean), float("inf")
     for step in range(N_GRID):
         s = x_mean.pow(step / N_GRID).clamp(min=1e-4)

@@ -9,7 +9,7 @@ import torch
 from engine.quantization.formats import QuantWeights
 from workbench.quantize.awq import scale_layer
 from workbench.quantize.calibrate import PROJECTIONS, LayerRunner, calibration_ids
-from workbench.quantize.gptq import gptq, hessian
+from workbench.quantize.gptq import gptq, hessian, one_thread
 from workbench.quantize.rtn import grid_for, rtn
 
 # GPTQ's true-sequential order: projections that share an input are quantized together; each later
@@ -28,16 +28,21 @@ def calibrated_weights(src: Path, spec, calib_text: str | None, log) -> tuple[di
     runner = LayerRunner(src, ids)
     grid = grid_for(spec.method, spec.bits, spec.sym)
     codes = {}
-    for i in range(len(runner.layers)):
-        proj = runner.projections(i)
-        if spec.method == "awq":
-            layer_codes = _awq_layer(runner, i, proj, grid, spec.group_size)
-        else:
-            layer_codes = _gptq_layer(runner, i, proj, grid, spec)
-        codes |= {f"model.layers.{i}.{PROJECTIONS[n]}.{n}.weight": q for n, q in layer_codes.items()}
-        runner.advance(i)
-        log(f"layer {i + 1}/{len(runner.layers)} quantized")
+    with one_thread():  # small and medium ops throughout: see gptq.one_thread
+        for i in range(len(runner.layers)):
+            codes |= _quantize_layer(runner, i, spec, grid)
+            runner.advance(i)
+            log(f"layer {i + 1}/{len(runner.layers)} quantized")
     return codes, dict(runner.model.state_dict())
+
+
+def _quantize_layer(runner: LayerRunner, i: int, spec, grid) -> dict[str, QuantWeights]:
+    proj = runner.projections(i)
+    if spec.method == "awq":
+        layer_codes = _awq_layer(runner, i, proj, grid, spec.group_size)
+    else:
+        layer_codes = _gptq_layer(runner, i, proj, grid, spec)
+    return {f"model.layers.{i}.{PROJECTIONS[n]}.{n}.weight": q for n, q in layer_codes.items()}
 
 
 def _effective(group_size: int, k: int) -> int:
