@@ -181,7 +181,9 @@ def run_quality(args: argparse.Namespace) -> BenchResult:
                "scored_tokens_per_s": ours.count / ours.elapsed_s}
     record = config_record(config, args) | {
         "text_name": text_name, "text_sha256": hashlib.sha256(text.encode()).hexdigest(), "text_chars": len(text),
-        "num_text_tokens": len(token_ids)}
+        "num_text_tokens": len(token_ids),
+        # what was measured: the checkpoint's own quantization_config (AWQ/GPTQ), None when dense
+        "quantization_config": _plain(getattr(config.hf_config, "quantization_config", None))}
     extra = {"windows": [asdict(w) for w in windows]}
     if args.baseline == "transformers":
         model_dir = engine.model_dir
@@ -194,6 +196,10 @@ def run_quality(args: argparse.Namespace) -> BenchResult:
     return BenchResult(kind="quality", label=args.label, config=record, metrics=metrics, extra=extra,
                        environment=collect_environment(settings.device if settings.device != "cuda"
                                                        else torch.cuda.get_device_name()))
+
+
+def _plain(qc):
+    return qc if qc is None or isinstance(qc, dict) else qc.to_dict()
 
 
 def _baseline(model_dir: Path, token_ids: list[int], windows: list[Window], config) -> dict:
