@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import torch
@@ -25,7 +25,7 @@ SPECS = {
 }
 
 
-@lru_cache(maxsize=None)
+@cache
 def quantized_dir(name: str, base: str = "tiny") -> Path:
     out = model_dir(base).parent / f"test-quant-{base}-{name}"
     if not (out / "config.json").is_file():
@@ -49,7 +49,7 @@ def layer_codes(tensors: dict, base: str, qc) -> formats.QuantWeights:
     return formats.from_gptq(parts, qc.bits, qc.group_size)
 
 
-@lru_cache(maxsize=None)
+@cache
 def dequantized_dir(name: str, base: str = "tiny") -> Path:
     """The quantized checkpoint's weights, dequantized to float32, as a plain dense checkpoint."""
     qdir = quantized_dir(name, base)
@@ -63,14 +63,14 @@ def dequantized_dir(name: str, base: str = "tiny") -> Path:
 
     qc = from_hf_config(_HF)
     tensors, dense = read_tensors(qdir), {}
-    for name, t in tensors.items():
-        stem, _, kind = name.rpartition(".")
+    for tensor_name, t in tensors.items():
+        stem, _, kind = tensor_name.rpartition(".")
         if kind in ("qzeros", "scales", "g_idx"):
             continue
         if kind == "qweight":
             dense[f"{stem}.weight"] = layer_codes(tensors, stem, qc).dequantize().t().contiguous()
         else:
-            dense[name] = t.float()
+            dense[tensor_name] = t.float()
     out.mkdir(parents=True, exist_ok=True)
     save_file(dense, str(out / "model.safetensors"))
     config["torch_dtype"] = "float32"

@@ -15,7 +15,13 @@ from engine.lora.synthetic import write_adapter
 from engine.model_loader import build_model, load_hf_config
 from engine.quantization import formats
 from engine.quantization.config import from_hf_config
-from tests.quant_helpers import SPECS, dequantized_dir, layer_codes, quantized_dir, read_tensors
+from tests.quant_helpers import (
+    SPECS,
+    dequantized_dir,
+    layer_codes,
+    quantized_dir,
+    read_tensors,
+)
 from workbench.quantize.writer import LINEAR
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)

@@ -7,9 +7,20 @@ import torch
 
 from engine.config import ConfigError
 from engine.quantization import formats
-from engine.quantization.config import QuantConfig, from_hf_config, normalize_option, resolve
+from engine.quantization.config import (
+    QuantConfig,
+    from_hf_config,
+    normalize_option,
+    resolve,
+)
 from engine.quantization.matmul import dequantize, quant_matmul
-from engine.quantization.packing import AWQ_ORDER, pack_cols, pack_rows, unpack_cols, unpack_rows
+from engine.quantization.packing import (
+    AWQ_ORDER,
+    pack_cols,
+    pack_rows,
+    unpack_cols,
+    unpack_rows,
+)
 
 
 def as_int32(word: int) -> int:

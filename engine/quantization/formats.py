@@ -28,7 +28,13 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.quantization.packing import AWQ_ORDER, pack_cols, pack_rows, unpack_cols, unpack_rows  # noqa: F401
+from engine.quantization.packing import (
+    AWQ_ORDER,
+    pack_cols,
+    pack_rows,
+    unpack_cols,
+    unpack_rows,
+)
 
 
 @dataclass

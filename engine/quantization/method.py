@@ -40,7 +40,7 @@ class QuantizedLinearMethod:
         dtype = torch.get_default_dtype()
         # Scales as the checkpoint has them (fp16) unless the model computes in float32 (exact either way).
         scale_dtype = torch.float32 if dtype == torch.float32 else torch.float16
-        i32 = dict(dtype=torch.int32)
+        i32 = {"dtype": torch.int32}
         layer.qweight = nn.Parameter(torch.empty(in_features // p, out_features, **i32), requires_grad=False)
         layer.qzeros = nn.Parameter(torch.empty(groups, out_features // p, **i32), requires_grad=False)
         layer.scales = nn.Parameter(torch.empty(groups, out_features, dtype=scale_dtype), requires_grad=False)
