@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 
 from workbench.cli import app
 from workbench.results import BenchResult
-from workbench.roofline import DeviceRates, ModelShape, decode_step_floor, prefill_floor, throughput_floor
+from workbench.bench.roofline import DeviceRates, ModelShape, decode_step_floor, prefill_floor, throughput_floor
 
 SMALL_ENGINE = ["--model", "tiny", "--max-model-len", "128", "--kv-cache-memory", "8MiB", "--device", "cpu"]
 

@@ -63,7 +63,7 @@ def null_server():
     def start(*flags):
         port = free_port()
         proc = subprocess.Popen([sys.executable, "-m", "workbench.loadgen.null_server", "--port", str(port), *flags])
-        from workbench.bench_serve_cmd import _wait_healthy
+        from workbench.bench.ceiling import wait_healthy as _wait_healthy
         _wait_healthy(f"http://127.0.0.1:{port}", proc)
         procs.append(proc)
         return f"http://127.0.0.1:{port}"

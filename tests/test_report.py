@@ -15,7 +15,7 @@ from tests.report_fixtures import make_fixtures
 from tests.server_process import free_port
 from workbench.cli import app as cli
 
-APP = str(Path(__file__).resolve().parents[1] / "reports" / "app.py")
+APP = str(Path(__file__).resolve().parents[1] / "workbench" / "report" / "app.py")
 
 
 @pytest.fixture(scope="module")
@@ -126,8 +126,8 @@ def test_offline_page_over_the_committed_results(monkeypatch):
 
 
 def test_many_runs_get_distinct_colours_and_small_multiples():
-    from reports import plots
-    from reports.data import RunFile
+    from workbench.report import plots
+    from workbench.report.data import RunFile
     from tests.report_fixtures import serve_result
 
     assert len(set(plots.colours(12))) == 12 and len(set(plots.colours(30))) == 30

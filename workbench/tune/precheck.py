@@ -13,7 +13,7 @@ from pathlib import Path
 from engine.config import DTYPES, EngineConfig
 from engine.presets import PRESETS, PresetSpec, estimate_params
 from engine.server.args import byte_size
-from workbench.roofline import ModelShape
+from workbench.bench.roofline import ModelShape
 
 ENGINE_DEFAULTS = {f.name: f.default for f in fields(EngineConfig) if not callable(f.default)}
 

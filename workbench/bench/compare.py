@@ -13,13 +13,11 @@ import math
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import httpx
-import typer
 
-from workbench.bench_throughput import OneLineParser
+from workbench.bench.ceiling import free_port, wait_healthy
+from workbench.bench.throughput import OneLineParser
 from workbench.results import collect_environment
 
 
@@ -39,11 +37,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-offline", action="store_true", help="served run only")
     p.add_argument("--output-json", required=True)
     return p
-
-
-def compare(ctx: typer.Context) -> None:
-    """The same workload offline and served, in one run (flags: `workbench bench compare --help`)."""
-    raise typer.Exit(main(list(ctx.args)))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -77,16 +70,17 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _served(args, engine_flags: list[str], work: Path) -> dict:
-    from workbench.bench_serve_cmd import _free_port
-
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     log = open(work / "server.log", "w")
     server = subprocess.Popen([sys.executable, "-m", "engine.server", args.model, "--host", "127.0.0.1", "--port",
                                str(port), "--api-server-count", str(args.api_server_count), "--log-level", "warning",
                                *engine_flags], stdout=log, stderr=subprocess.STDOUT, env={**os.environ})
     try:
-        _wait_healthy(url, server)
+        try:
+            wait_healthy(url, server, timeout=600, what="the server")
+        except RuntimeError as exc:
+            raise SystemExit(f"error: {exc}") from None
         from workbench.loadgen.config import ServeBenchConfig
         from workbench.loadgen.runner import run_serve_benchmark
 
@@ -111,20 +105,6 @@ def _run(cmd: list[str]) -> None:
     r = subprocess.run(cmd)
     if r.returncode != 0:
         raise SystemExit(f"error: {' '.join(cmd[:6])} ... exited with {r.returncode}")
-
-
-def _wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 600) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"error: the server exited at start with {proc.returncode}")
-        try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise SystemExit("error: the server did not become healthy")
 
 
 if __name__ == "__main__":

@@ -5,16 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
-from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
 
 from engine.config import ConfigError
 from engine.presets import PRESETS, cache_root, create_preset, estimate_params
+from workbench.cli.console import console, fail, stdout
 
 app = typer.Typer(help="Model presets: real shapes with random weights and a real tokenizer, and one real "
                   "model (smollm2-135m).", no_args_is_help=True)
-console = Console()
 
 
 def _size(spec) -> str:
@@ -36,7 +34,7 @@ def list_presets() -> None:
                       str(spec.num_hidden_layers), str(spec.hidden_size),
                       f"{spec.num_attention_heads} / {spec.num_key_value_heads}", f"{spec.vocab_size:,}", spec.dtype,
                       _size(spec), "yes" if cached else "")
-    console.print(table)
+    stdout.print(table)
 
 
 @app.command("create")
@@ -48,17 +46,14 @@ def create(preset: str = typer.Argument(..., help="Preset name (see `workbench m
            force: bool = typer.Option(False, help="Overwrite a non-empty --out.")) -> None:
     """Write a preset as a Hugging Face model directory."""
     if preset not in PRESETS:
-        console.print(f"[red]error:[/] unknown preset {preset!r}; presets: {', '.join(PRESETS)}")
-        raise typer.Exit(2)
+        fail(f"unknown preset {preset!r}; presets: {', '.join(PRESETS)}", 2)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
-        console.print(f"[red]error:[/] {out} exists and is not empty; pass --force to overwrite")
-        raise typer.Exit(1)
+        fail(f"{out} exists and is not empty; pass --force to overwrite")
     try:
         with console.status(f"writing {preset} ({_size(PRESETS[preset])}) to {out} ..."):
             create_preset(preset, out, seed=seed, with_weights=not no_weights, force=force)
     except ConfigError as exc:  # the real preset without its packages, say
-        console.print(f"[red]error:[/] {escape(str(exc))}", soft_wrap=True)  # escape: the message says [real]
-        raise typer.Exit(2)
+        fail(str(exc), 2)  # fail() escapes markup: the message says [real]
     console.print(f"wrote {preset} to {out}")
 
 
@@ -80,23 +75,19 @@ def lora(model: str = typer.Argument(..., help="Preset name or model directory (
     from engine.presets import resolve_model
 
     if rank < 1:
-        _fail(f"--rank must be at least 1, got {rank}", 2)
+        fail(f"--rank must be at least 1, got {rank}", 2)
     names = [t.strip() for t in targets.split(",") if t.strip()]
     bad = [t for t in names if t not in SHORT_TARGETS and t not in SHORT_TARGETS.values()]
     if bad or not names:
-        _fail(f"--targets: unknown projection(s) {', '.join(bad) or '(none)'}; choose from "
+        fail(f"--targets: unknown projection(s) {', '.join(bad) or '(none)'}; choose from "
               f"{', '.join(SHORT_TARGETS)}", 2)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
-        _fail(f"{out} exists and is not empty; pass --force to overwrite")
+        fail(f"{out} exists and is not empty; pass --force to overwrite")
     try:
         model_dir = resolve_model(model, with_weights=False)
     except FileNotFoundError as exc:
-        _fail(str(exc), 2)
+        fail(str(exc), 2)
     write_adapter(model_dir, out, rank, [SHORT_TARGETS.get(t, t) for t in names], alpha=alpha, seed=seed,
                   use_rslora=rslora, base_model_name=model)
     console.print(f"wrote a rank-{rank} LoRA adapter for {model} ({', '.join(names)}) to {out}")
 
-
-def _fail(message: str, code: int = 1):
-    console.print(f"[red]error:[/] {message}", highlight=False)
-    raise typer.Exit(code)

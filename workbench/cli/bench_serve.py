@@ -5,31 +5,23 @@ from __future__ import annotations
 import csv
 import json
 import math
-import subprocess
 import sys
-import time
 from datetime import datetime
 from pathlib import Path
 
 import httpx
 import typer
 from pydantic import ValidationError
-from rich.console import Console
 from rich.table import Table
 
+from workbench.cli.console import console, fail, stdout
 from workbench.results import BenchResult
 
-console = Console(stderr=True)
 SHOWN = ["completed", "failed", "duration_s", "request_throughput", "output_throughput", "total_token_throughput",
          "request_goodput", "request_goodput_sched", "peak_concurrency", "mean_ttft_ms", "median_ttft_ms",
          "p99_ttft_ms", "mean_tpot_ms", "median_tpot_ms", "p99_tpot_ms", "mean_itl_ms", "median_itl_ms", "p99_itl_ms",
          "mean_e2el_ms", "p99_e2el_ms", "mean_queue_delay_ms", "p99_queue_delay_ms", "p99_sched_ttft_ms",
          "p99_sched_e2el_ms", "prefix_cache_hit_rate", "server_preemptions", "sessions", "mean_session_duration_s"]
-
-
-def fail(message: str, code: int = 1):
-    console.print(f"[red]error:[/] {message}")
-    raise typer.Exit(code)
 
 
 def parse_rates(text: str) -> list[float]:
@@ -71,7 +63,7 @@ def show(result: BenchResult) -> None:
             continue  # e.g. no /metrics on the server, or not a multi-turn run
         value = result.metrics.get(name)
         table.add_row(name, "-" if value is None else f"{value:,.2f}")
-    Console().print(table)
+    stdout.print(table)
     for kind, count in result.extra.get("errors", {}).items():
         console.print(f"[red]{count} failed[/] with {kind}")
     console.print(f"prompt lengths: {result.extra.get('lengths')}")
@@ -190,7 +182,7 @@ def lora_load(adapter: str = typer.Option(..., help="adapter directory (PEFT), a
     """Runtime LoRA load latency: POST /v1/load_lora_adapter, then at once a request under it; the time
     until it is served (the server needs VLLM_ALLOW_RUNTIME_LORA_UPDATING=True and --enable-lora). With
     --model, the same in-process."""
-    from workbench.bench_lora import measure_load_latency, measure_load_latency_offline
+    from workbench.bench.lora import measure_load_latency, measure_load_latency_offline
     from workbench.results import collect_environment
 
     try:
@@ -216,69 +208,14 @@ def ceiling(num_prompts: int = typer.Option(3000, min=1, help="requests per run"
             output_json: Path = typer.Option(None, help="write the measurement here")) -> None:
     """The load generator's own ceiling against a server that does no compute: requests/s with 8-token
     replies, streamed tokens/s with 64-token replies; medians over repeats."""
-    from workbench.loadgen.config import ServeBenchConfig
-    from workbench.loadgen.runner import run_serve_benchmark
-    from workbench.results import collect_environment
+    from workbench.bench.ceiling import measure_ceiling
 
-    port = _free_port()
-    server = subprocess.Popen([sys.executable, "-m", "workbench.loadgen.null_server", "--port", str(port)])
-    profiles = {"requests": 8, "tokens": 64}
-    runs: dict[str, list[dict]] = {name: [] for name in profiles}
     try:
-        _wait_healthy(f"http://127.0.0.1:{port}", server)
-        for i in range(repeats):
-            for name, output_len in profiles.items():
-                config = ServeBenchConfig(base_url=f"http://127.0.0.1:{port}", model="null", num_prompts=num_prompts,
-                                          input_len=8, output_len=output_len, max_concurrency=max_concurrency,
-                                          workers=workers, label=f"ceiling-{name}-{i}")
-                r = run_serve_benchmark(config, progress=False)
-                runs[name].append({k: r.metrics[k] for k in ("request_throughput", "output_throughput", "failed",
-                                                            "median_itl_ms", "p99_itl_ms")})
-                console.print(f"{name} run {i}: {r.metrics['request_throughput']:,.0f} req/s, "
-                              f"{r.metrics['output_throughput']:,.0f} streamed tok/s")
-    finally:
-        server.terminate()
-        server.wait(10)
-
-    def median(name: str, key: str) -> float:
-        values = sorted(run[key] for run in runs[name])
-        return values[len(values) // 2]
-
-    result = {"commit": collect_environment().commit, "device": "cpu (the load generator's host)",
-              "command": " ".join(sys.argv), "cpu_cores": _cores(), "max_concurrency": max_concurrency,
-              "workers": workers,
-              "runs": runs, "median_request_throughput": median("requests", "request_throughput"),
-              "median_streamed_tokens_per_s": median("tokens", "output_throughput"),
-              "note": "the null server shares the same cores as the client"}
+        result = measure_ceiling(num_prompts, max_concurrency, repeats, workers)
+    except RuntimeError as exc:  # the null server did not start
+        fail(str(exc))
     console.print(f"ceiling: {result['median_request_throughput']:,.0f} req/s (8-token replies), "
                   f"{result['median_streamed_tokens_per_s']:,.0f} streamed tok/s (64-token replies)")
     if output_json:
         output_json.parent.mkdir(parents=True, exist_ok=True)
         output_json.write_text(json.dumps(result, indent=2))
-
-
-def _cores() -> int:
-    import os
-
-    return os.cpu_count() or 0
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            fail("the null server exited at start")
-        try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            time.sleep(0.2)
-    fail("the null server did not start")

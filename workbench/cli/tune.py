@@ -4,11 +4,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-console = Console(stderr=True)
+from workbench.cli.console import console, stdout
 
 
 def tune(study: str = typer.Argument(None, help="study file or name (studies/NAME.toml); default: the "
@@ -95,7 +94,7 @@ def show(summary: dict) -> None:
     for b in rows:
         name = f"{b['trial']} (defaults)" if b.get("label") == "defaults" else str(b["trial"])
         table.add_row(name, *(f"{v:,.2f}" for v in b["values"]), b["vs_defaults"], b["serve_command"])
-    Console().print(table)
+    stdout.print(table)
     if summary["validation"]:
         v = summary["validation"]
         console.print(f"validated over {v['rounds']} interleaved rounds: [bold]{escape(v['verdict'])}[/]")

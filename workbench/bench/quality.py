@@ -30,11 +30,11 @@ from pathlib import Path
 
 import torch
 
-from workbench.bench_throughput import (OneLineParser, config_record, console, engine_settings, llm_kwargs,
+from workbench.bench.throughput import (OneLineParser, config_record, console, engine_settings, llm_kwargs,
                                         synchronize)
 from workbench.results import BenchResult, collect_environment
 
-BUILTIN_TEXT = Path(__file__).parent / "data" / "quality-corpus.txt"
+BUILTIN_TEXT = Path(__file__).parents[1] / "data" / "quality-corpus.txt"
 DEFAULT_MAX_LENGTH = 1024
 DEFAULT_STRIDE = 512
 

@@ -6,10 +6,10 @@ import sys
 from pathlib import Path
 
 import typer
-from rich.console import Console
 
-console = Console(stderr=True)
-APP = Path(__file__).resolve().parents[1] / "reports" / "app.py"
+from workbench.cli.console import console
+
+APP = Path(__file__).resolve().parents[1] / "report" / "app.py"
 
 
 def report(storage: str = typer.Option(None, help="Optuna storage URL (e.g. sqlite:///results/tune.db)"),
@@ -20,7 +20,7 @@ def report(storage: str = typer.Option(None, help="Optuna storage URL (e.g. sqli
     if storage is None and (results / "tune.db").is_file():
         storage = f"sqlite:///{results / 'tune.db'}"
     if export is not None:
-        from reports.export import export as do_export
+        from workbench.report.export import export as do_export
 
         files = do_export(storage, str(results), export)
         console.print(f"wrote {len(files)} files to {export} (open {export / 'report.html'})")

@@ -4,16 +4,15 @@ engine's flags are shared with `workbench serve`), so typer passes the arguments
 from __future__ import annotations
 
 import typer
-from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
 
+from workbench.cli.console import console, fail, stdout
+
 PASS_THROUGH = {"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []}
-console = Console(stderr=True)
 
 
 def _run(kind: str, argv: list[str]) -> None:
-    from workbench import bench_latency, bench_throughput
+    from workbench.bench import latency as bench_latency, throughput as bench_throughput
 
     module = bench_latency if kind == "latency" else bench_throughput
     args = module.build_parser().parse_args(argv)  # bad flags: one line, exit 2
@@ -24,9 +23,8 @@ def _run(kind: str, argv: list[str]) -> None:
         result = module.run_latency(args) if kind == "latency" else module.run_throughput(args)
         result.save(path)
     except (ValueError, OSError, RuntimeError, ImportError) as exc:  # ConfigError is a ValueError
-        console.print(f"[red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
-        raise typer.Exit(2) from None
-    Console().print(_latency_table(result) if kind == "latency" else _metrics_table(result, args.model))
+        fail(str(exc), 2)
+    stdout.print(_latency_table(result) if kind == "latency" else _metrics_table(result, args.model))
     for note in result.extra.get("notes", []):
         console.print(f"[yellow]note:[/] {note}")
     baseline = result.extra.get("baseline", {})
@@ -34,8 +32,7 @@ def _run(kind: str, argv: list[str]) -> None:
         console.print(f"[yellow]baseline:[/] {note}")
     console.print(f"result written to {path}")
     if "error" in baseline:
-        console.print(f"[red]error:[/] the transformers baseline failed: {baseline['error']}", soft_wrap=True)
-        raise typer.Exit(1)
+        fail(f"the transformers baseline failed: {baseline['error']}")
 
 
 def _metrics_table(result, model: str) -> Table:
@@ -75,8 +72,8 @@ def _quality_table(result) -> Table:
 
 def quality(ctx: typer.Context) -> None:
     """Perplexity of a model on a fixed text through prompt logprobs; --help for the flags."""
-    from workbench import bench_quality
-    from workbench.bench_throughput import output_path
+    from workbench.bench import quality as bench_quality
+    from workbench.bench.throughput import output_path
 
     args = bench_quality.build_parser().parse_args(list(ctx.args))  # bad flags: one line, exit 2
     path = output_path(args, "quality")
@@ -84,14 +81,12 @@ def quality(ctx: typer.Context) -> None:
         result = bench_quality.run_quality(args)
         result.save(path)
     except (ValueError, OSError, RuntimeError, ImportError) as exc:  # ConfigError is a ValueError
-        console.print(f"[red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
-        raise typer.Exit(2) from None
-    Console().print(_quality_table(result))
+        fail(str(exc), 2)
+    stdout.print(_quality_table(result))
     console.print(f"result written to {path}")
     baseline = result.extra.get("baseline", {})
     if "error" in baseline:
-        console.print(f"[red]error:[/] the transformers baseline failed: {baseline['error']}", soft_wrap=True)
-        raise typer.Exit(1)
+        fail(f"the transformers baseline failed: {baseline['error']}")
 
 
 def throughput(ctx: typer.Context) -> None:
@@ -102,3 +97,10 @@ def throughput(ctx: typer.Context) -> None:
 def latency(ctx: typer.Context) -> None:
     """Batch-size sweep of TTFT and time per output token; --help for the flags."""
     _run("latency", list(ctx.args))
+
+
+def compare(ctx: typer.Context) -> None:
+    """The same workload offline and served, in one run (flags: `workbench bench compare --help`)."""
+    from workbench.bench.compare import main
+
+    raise typer.Exit(main(list(ctx.args)))

@@ -8,8 +8,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from reports.data import OtherFile, RunFile, model_of, run_title, short_device
-from reports.plots import colours
+from workbench.report.data import OtherFile, RunFile, model_of, run_title, short_device
+from workbench.report.plots import colours
 
 DPI = 110
 

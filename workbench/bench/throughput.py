@@ -2,12 +2,12 @@
 throughput` measures it: every request is added at once, generation ignores EOS and runs exactly
 max_tokens = output_len, and the clock runs from the first request in to the last token out.
 
-Before the clock: the device's copy bandwidth and matmul rate are measured (workbench/roofline.py)
+Before the clock: the device's copy bandwidth and matmul rate are measured (workbench/bench/roofline.py)
 while the device is still empty, and a warm-up runs 8 random prompts, not taken from the workload
 (so that prefix caching cannot find them), of the workload's lengths (the longest included) for
 the full output length. `--baseline transformers` runs the same prompt token ids through
-transformers' continuous batching after our run, in the same process (workbench/hf_baseline.py).
-Also used by `bench latency` (workbench/bench_latency.py): the shared flags and engine set-up.
+transformers' continuous batching after our run, in the same process (workbench/bench/hf_baseline.py).
+Also used by `bench latency` (workbench/bench/latency.py): the shared flags and engine set-up.
 """
 from __future__ import annotations
 
@@ -24,9 +24,9 @@ from rich.console import Console
 
 from engine.config import DTYPES, EngineConfig
 from engine.server.args import add_engine_args, engine_config
-from workbench.bench_lora import add_lora_args, check_lora_args, lora_plan, lora_summary
+from workbench.bench.lora import add_lora_args, check_lora_args, lora_plan, lora_summary
 from workbench.results import BenchResult, collect_environment
-from workbench.roofline import ModelShape, measure_device, throughput_floor
+from workbench.bench.roofline import ModelShape, measure_device, throughput_floor
 
 DATASET_CHOICES = ("random", "prefix-repeat", "jsonl")
 WARMUP_PROMPTS = 8
@@ -232,7 +232,7 @@ def run_throughput(args: argparse.Namespace, progress: bool = True) -> BenchResu
             metrics["lora_vs_base_output_throughput"] = metrics["output_throughput"] / base_tps
 
     if args.baseline == "transformers":
-        from workbench.hf_baseline import BaselineLimits
+        from workbench.bench.hf_baseline import BaselineLimits
 
         limits = BaselineLimits(kv_tokens=after.num_gpu_blocks * config.block_size,
                                 max_num_batched_tokens=config.max_num_batched_tokens,
@@ -303,7 +303,7 @@ def _metrics(num_prompts: int, in_tokens: int, out_tokens: int, elapsed: float, 
 
 def _run_baseline(model_dir: Path, prompts, warmup, output_len: int, config: EngineConfig, limits) -> dict:
     """The baseline's record; a failure is recorded (with its reason) rather than losing our result."""
-    from workbench.hf_baseline import run_baseline
+    from workbench.bench.hf_baseline import run_baseline
 
     gc.collect()
     if config.device == "cuda":

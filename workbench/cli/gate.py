@@ -1,5 +1,5 @@
-"""`workbench gate`: fail CI on a performance regression (see workbench/gate.py for the statistics and
-workbench/gate_history.py for the history rule and the JSON it emits)."""
+"""`workbench gate`: fail CI on a performance regression (see workbench/gate/compare.py for the statistics
+and workbench/gate/history.py for the history rule and the JSON it emits)."""
 from __future__ import annotations
 
 import json
@@ -12,18 +12,15 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import typer
-from rich.console import Console
 
-from workbench import gate_history
-from workbench.gate import ALPHA, GateError, Row, Rules, Threshold, compare, markdown, merge, samples_of
+from workbench.cli.console import console, fail
+from workbench.gate import history as gate_history
+from workbench.gate.compare import ALPHA, GateError, Row, Rules, Threshold, compare, markdown, merge, samples_of
 from workbench.results import BenchResult, Environment, collect_environment
-
-console = Console(stderr=True, soft_wrap=True)  # one-line errors, never wrapped mid-message
 
 
 def _error(message: str) -> None:
-    console.print(f"[red]error:[/] {message}")
-    raise typer.Exit(2)
+    fail(message, 2)
 
 
 @dataclass

@@ -1,4 +1,5 @@
-"""The `workbench` command. Each command group lives in its own module; this file only wires them."""
+"""The `workbench` command. Each command lives in its own module of this package (its logic below it, in
+workbench/bench/, loadgen/, tune/, gate/, report/); this file only wires them."""
 from __future__ import annotations
 
 import typer
@@ -10,25 +11,24 @@ bench_app = typer.Typer(help="Benchmarks: serving (any OpenAI-compatible endpoin
 app.add_typer(bench_app, name="bench")
 
 # --- command registration: one line per module (keep this block sorted) ---
-from workbench.models_cmd import app as models_app  # noqa: E402
+from workbench.cli.models import app as models_app  # noqa: E402
 app.add_typer(models_app, name="models")
-from workbench.serve_cmd import serve  # noqa: E402
+from workbench.cli.serve import serve  # noqa: E402
 app.command("serve", context_settings={"allow_extra_args": True, "ignore_unknown_options": True,
                                        "help_option_names": []})(serve)
-from workbench.bench_offline_cmd import PASS_THROUGH, latency, quality, throughput  # noqa: E402
+from workbench.cli.bench_offline import PASS_THROUGH, compare, latency, quality, throughput  # noqa: E402
 bench_app.command("throughput", context_settings=PASS_THROUGH)(throughput)
 bench_app.command("latency", context_settings=PASS_THROUGH)(latency)
 bench_app.command("quality", context_settings=PASS_THROUGH)(quality)
-from workbench.bench_serve_cmd import ceiling, lora_load, serve as bench_serve  # noqa: E402
+from workbench.cli.bench_serve import ceiling, lora_load, serve as bench_serve  # noqa: E402
 bench_app.command("serve")(bench_serve)
 bench_app.command("ceiling")(ceiling)
 bench_app.command("lora-load")(lora_load)
-from workbench.bench_compare import compare  # noqa: E402
 bench_app.command("compare", context_settings=PASS_THROUGH)(compare)
-from workbench.tune_cmd import tune  # noqa: E402
+from workbench.cli.tune import tune  # noqa: E402
 app.command("tune")(tune)
-from workbench.gate_cmd import gate  # noqa: E402
-from workbench.report_cmd import report  # noqa: E402
+from workbench.cli.gate import gate  # noqa: E402
+from workbench.cli.report import report  # noqa: E402
 app.command("gate")(gate)
 app.command("report")(report)
 # --- end of command registration ---

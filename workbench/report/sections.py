@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from reports import data, offline_plots, plots
+from workbench.report import data, offline_plots, plots
 
 
 @dataclass

@@ -9,7 +9,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from reports.data import RunFile, itl_values_ms, request_frame  # noqa: E402
+from workbench.report.data import RunFile, itl_values_ms, request_frame  # noqa: E402
 
 LATENCIES = {"ttft": "time to first token", "tpot": "time per output token", "itl": "inter-token latency",
              "e2el": "end-to-end latency"}

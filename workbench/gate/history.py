@@ -27,7 +27,7 @@ import statistics
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from workbench.gate import GateError, Row, Threshold
+from workbench.gate.compare import GateError, Row, Threshold
 from workbench.results import Environment
 
 EMIT_FORMATS = ("json", "pytorch-hud")

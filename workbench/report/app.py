@@ -1,4 +1,4 @@
-"""The PagedBench report: `workbench report --storage URL --results DIR` (or `streamlit run reports/app.py --
+"""The PagedBench report: `workbench report --storage URL --results DIR` (or `streamlit run workbench/report/app.py --
 --storage URL --results DIR`). Four pages: a study, serving runs, offline runs (throughput, latency, kernels, the
 load generator's ceiling), the gate's history. `?page=Offline+runs` in the address opens a page directly."""
 from __future__ import annotations
@@ -8,11 +8,11 @@ import os
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `streamlit run` puts only reports/ on the path
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # `streamlit run` puts only this folder on the path
 
 import streamlit as st  # noqa: E402
 
-from reports import data, plots, sections  # noqa: E402
+from workbench.report import data, plots, sections  # noqa: E402
 
 PAGES = ("Study", "Benchmark runs", "Offline runs", "Gate history")
 

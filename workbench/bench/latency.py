@@ -4,7 +4,7 @@ For each batch size b: TTFT = the time for a batch of b prompts to reach its fir
 generate with max_tokens=1, so the whole prefill), and TPOT = (E2E - TTFT) / (output_len - 1), where
 E2E is a generate of output_len tokens; medians over --iters after --warmup-iters. Every call gets
 fresh random prompts, so prefix caching cannot shortcut a repeat. Each row carries its roofline
-floor (workbench/roofline.py): TPOT floor = one decode step of b sequences at the mean context
+floor (workbench/bench/roofline.py): TPOT floor = one decode step of b sequences at the mean context
 (weights + their KV over bandwidth, or FLOPs over the matmul rate if larger), TTFT floor = the
 prefill of b prompts; E2E floor = TTFT floor + (output_len - 1) x TPOT floor.
 """
@@ -16,10 +16,10 @@ import time
 
 from rich.progress import Progress
 
-from workbench.bench_throughput import (OneLineParser, add_common_args, config_record, console, engine_settings,
+from workbench.bench.throughput import (OneLineParser, add_common_args, config_record, console, engine_settings,
                                         llm_kwargs, matmul_dtype, random_prompts, synchronize)
 from workbench.results import BenchResult, collect_environment
-from workbench.roofline import ModelShape, decode_step_floor, measure_device, prefill_floor
+from workbench.bench.roofline import ModelShape, decode_step_floor, measure_device, prefill_floor
 
 
 def build_parser(prog: str = "workbench bench latency") -> argparse.ArgumentParser:
@@ -110,7 +110,7 @@ def run_latency(args: argparse.Namespace, progress: bool = True) -> BenchResult:
     extra = {"rows": rows, "warmup": f"{args.warmup_iters} untimed generate(s) per batch size",
              "roofline": {"model": "per row: TPOT floor = one decode step of the batch at the mean context, TTFT "
                                    "floor = its prefill, E2E floor = TTFT floor + (output_len - 1) x TPOT floor; "
-                                   "roofline_floor_s sums the E2E floors of all rows (see workbench/roofline.py)",
+                                   "roofline_floor_s sums the E2E floors of all rows (see workbench/bench/roofline.py)",
                           "weight_bytes": shape.weight_bytes, "kv_bytes_per_token": shape.kv_bytes_per_token,
                           "rates": rates.as_dict()}}
     return BenchResult(kind="latency", label=args.label, config=config_record(config, args), metrics=metrics,

@@ -171,7 +171,7 @@ def throughput_floor(shape: ModelShape, rates: DeviceRates, prompt_lens: list[in
     prefill_s = phase_floor(rates, prefill_bytes, prefill_flops)
     return {
         "model": "decode phase (weights once per step + KV reads) + prefill phase (FLOPs), each "
-                 "max(bytes / bandwidth, FLOPs / matmul rate); an estimate, see workbench/roofline.py",
+                 "max(bytes / bandwidth, FLOPs / matmul rate); an estimate, see workbench/bench/roofline.py",
         "floor_s": decode_s + prefill_s, "decode_floor_s": decode_s, "prefill_floor_s": prefill_s,
         "overlap_floor_s": phase_floor(rates, decode_bytes + prefill_bytes, decode_flops + prefill_flops),
         "decode_bound": "bandwidth" if decode_bytes / rates.bandwidth_Bps >= decode_flops / rates.matmul_flops
