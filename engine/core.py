@@ -2,7 +2,8 @@
 
 Requests in (one sequence each, see engine/messages.py), one step at a time, every sequence's new
 tokens out as plain data. The core talks to its workers in plain data too: a step plan
-(SchedulerOutput) out, the sampled tokens (ModelRunnerOutput) back (engine/scheduler_output.py). Text, stop strings and n-sample requests belong to the front end
+(SchedulerOutput) out, the sampled tokens (ModelRunnerOutput) back (engine/scheduler_output.py). Text, stop
+strings and n-sample requests belong to the front end
 (engine/output_processor.py), which runs in the same process offline (LLMEngine) and in the API
 server processes when serving (engine/core_process.py). One core, either way.
 """

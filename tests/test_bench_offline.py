@@ -7,9 +7,9 @@ import json
 import pytest
 from typer.testing import CliRunner
 
+from workbench.bench.roofline import DeviceRates, ModelShape, decode_step_floor, prefill_floor, throughput_floor
 from workbench.cli import app
 from workbench.results import BenchResult
-from workbench.bench.roofline import DeviceRates, ModelShape, decode_step_floor, prefill_floor, throughput_floor
 
 SMALL_ENGINE = ["--model", "tiny", "--max-model-len", "128", "--kv-cache-memory", "8MiB", "--device", "cpu"]
 

@@ -1,6 +1,5 @@
 """The load generator: arithmetic with known answers, arrival statistics, the concurrency cap, failures,
 and whole runs against the null server and our real server."""
-import json
 import math
 import subprocess
 import sys

@@ -126,9 +126,9 @@ def test_offline_page_over_the_committed_results(monkeypatch):
 
 
 def test_many_runs_get_distinct_colours_and_small_multiples():
+    from tests.report_fixtures import serve_result
     from workbench.report import plots
     from workbench.report.data import RunFile
-    from tests.report_fixtures import serve_result
 
     assert len(set(plots.colours(12))) == 12 and len(set(plots.colours(30))) == 30
     runs = [RunFile(Path(f"r{i}.json"), serve_result(f"run{i}", 1 + i / 10, i)) for i in range(6)]

@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
-from kernels import activation
 from engine.layers.attention import Attention, AttentionMetadata
 from engine.layers.linear import Linear
 from engine.layers.norm import RMSNorm
 from engine.layers.rotary import RotaryEmbedding, rope_settings
+from kernels import activation
 
 
 def head_dim_of(config) -> int:

@@ -15,23 +15,22 @@ import subprocess
 import sys
 from pathlib import Path
 
-
+from engine.server.args import OneLineParser, add_engine_args
 from workbench.bench.ceiling import free_port, wait_healthy
-from workbench.bench.throughput import OneLineParser
+from workbench.bench.throughput import FIXED_LENGTHS
+from workbench.loadgen.config import ServeBenchConfig
+from workbench.loadgen.flags import add_model_flags
 from workbench.results import collect_environment
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = OneLineParser(prog="workbench bench compare", allow_abbrev=False,
+    p = OneLineParser(prog="workbench bench compare",
                       description="One workload offline and served, side by side (output tok/s and their ratio). "
                                   "Engine flags after the options below go to both, e.g. --max-num-seqs 512.")
     p.add_argument("--model", required=True)
-    p.add_argument("--num-prompts", type=int, default=1000)
-    p.add_argument("--input-len", type=int, default=512)
-    p.add_argument("--output-len", type=int, default=256)
-    p.add_argument("--max-concurrency", type=int, default=None, help="served run only (default: all at once)")
+    add_model_flags(p, ServeBenchConfig, ["num_prompts", "input_len", "output_len", "max_concurrency", "workers"],
+                    custom=FIXED_LENGTHS | {"num_prompts": {"type": int, "help": "requests"}})
     p.add_argument("--api-server-count", type=int, default=1)
-    p.add_argument("--workers", type=int, default=1, help="load generator client processes")
     p.add_argument("--warmup", type=int, default=None, help="served requests sent first, not measured "
                    "(default: max-concurrency, or 64)")
     p.add_argument("--skip-offline", action="store_true", help="served run only")
@@ -39,8 +38,18 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
+    """(compare's own flags, the engine flags for both runs); a bad flag of either kind ends here,
+    in one line, before anything starts."""
     args, engine_flags = build_parser().parse_known_args(argv)
+    engine = OneLineParser(prog="workbench bench compare", add_help=False)
+    add_engine_args(engine)
+    engine.parse_args(engine_flags)
+    return args, engine_flags
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, engine_flags = parse_args(argv)
     out = Path(args.output_json)
     out.parent.mkdir(parents=True, exist_ok=True)
     work = out.with_suffix("")

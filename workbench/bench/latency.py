@@ -16,16 +16,25 @@ import time
 
 from rich.progress import Progress
 
-from workbench.bench.throughput import (OneLineParser, add_common_args, config_record, console, engine_settings,
-                                        llm_kwargs, matmul_dtype, random_prompts, synchronize)
-from workbench.results import BenchResult, collect_environment
+from engine.server.args import OneLineParser
 from workbench.bench.roofline import ModelShape, decode_step_floor, measure_device, prefill_floor
+from workbench.bench.throughput import (
+    add_common_args,
+    config_record,
+    console,
+    engine_settings,
+    llm_kwargs,
+    matmul_dtype,
+    random_prompts,
+    synchronize,
+)
+from workbench.results import BenchResult, collect_environment
 
 
 def build_parser(prog: str = "workbench bench latency") -> argparse.ArgumentParser:
     p = OneLineParser(prog=prog, description="Batch-size sweep of TTFT and time per output token, in-process "
                                              "(like `vllm bench latency`); engine flags as `workbench serve`.")
-    add_common_args(p, output_len=128)
+    add_common_args(p)
     p.add_argument("--batch-sizes", default="1,8,32,64", help="comma-separated batch sizes")
     p.add_argument("--iters", type=int, default=5, help="timed repetitions per measurement (median reported)")
     p.add_argument("--warmup-iters", type=int, default=2, help="untimed repetitions per batch size")

@@ -94,8 +94,10 @@ def measure_load_latency(base_url: str, adapter_path: str, repeats: int, api_key
 
     import httpx
 
+    from workbench.loadgen.config import server_root
+
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    base = base_url.rstrip("/")
+    base = server_root(base_url)
     with httpx.Client(timeout=timeout, headers=headers) as client:
         models = client.get(f"{base}/v1/models")
         if models.status_code != 200:

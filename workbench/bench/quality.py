@@ -30,8 +30,8 @@ from pathlib import Path
 
 import torch
 
-from workbench.bench.throughput import (OneLineParser, config_record, console, engine_settings, llm_kwargs,
-                                        synchronize)
+from engine.server.args import OneLineParser
+from workbench.bench.throughput import config_record, console, engine_settings, llm_kwargs, synchronize
 from workbench.results import BenchResult, collect_environment
 
 BUILTIN_TEXT = Path(__file__).parents[1] / "data" / "quality-corpus.txt"

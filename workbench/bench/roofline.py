@@ -59,12 +59,12 @@ def measure_device(device: str, dtype: torch.dtype) -> DeviceRates:
     src = torch.ones(nbytes, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
     copy_s = _median_seconds(lambda: dst.copy_(src), on_gpu)
-    del src, dst
+    src = dst = None  # freed before the matmul's buffers
     n = 8192 if on_gpu else 1024
     a = torch.randn(n, n, device=device).to(dtype)
     b = torch.randn(n, n, device=device).to(dtype)
     mm_s = _median_seconds(lambda: torch.mm(a, b), on_gpu)
-    del a, b
+    a = b = None
     if on_gpu:
         torch.cuda.empty_cache()  # give the memory back before the engine sizes its KV cache
     name = torch.cuda.get_device_name() if on_gpu else "cpu"
@@ -107,7 +107,7 @@ class ModelShape:
         return 4 * self.layers * self.heads * self.head_dim * query_key_pairs  # QK^T and PV, 2 FLOPs per MAC
 
     @classmethod
-    def from_engine(cls, engine) -> "ModelShape":
+    def from_engine(cls, engine) -> ModelShape:
         from engine.models.llama import head_dim_of
 
         hf, dtype = engine.config.hf_config, engine.config.torch_dtype

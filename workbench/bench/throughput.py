@@ -23,10 +23,12 @@ import torch
 from rich.console import Console
 
 from engine.config import DTYPES, EngineConfig
-from engine.server.args import add_engine_args, engine_config
+from engine.server.args import OneLineParser, add_engine_args, engine_config
 from workbench.bench.lora import add_lora_args, check_lora_args, lora_plan, lora_summary
-from workbench.results import BenchResult, collect_environment
 from workbench.bench.roofline import ModelShape, measure_device, throughput_floor
+from workbench.loadgen.config import LoadProfile
+from workbench.loadgen.flags import add_model_flags
+from workbench.results import BenchResult, collect_environment
 
 DATASET_CHOICES = ("random", "prefix-repeat", "jsonl")
 WARMUP_PROMPTS = 8
@@ -34,17 +36,14 @@ PROFILE_STEPS = 8
 console = Console(stderr=True)
 
 
-class OneLineParser(argparse.ArgumentParser):
-    """Bad flags end in one line (prog: error: ...) and exit status 2, not a usage dump."""
-
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message}\n")
+# The load flags' defaults are LoadProfile's (workbench/loadgen/config.py), as in `bench serve` and a study.
+FIXED_LENGTHS = {"input_len": {"type": int, "help": "prompt tokens per request"},
+                 "output_len": {"type": int, "help": "generated tokens per request (EOS ignored)"}}
 
 
-def add_common_args(p: argparse.ArgumentParser, output_len: int) -> None:
+def add_common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="model directory (Hugging Face format) or a preset name, e.g. tiny")
-    p.add_argument("--input-len", type=int, default=512, help="prompt tokens per request")
-    p.add_argument("--output-len", type=int, default=output_len, help="generated tokens per request (EOS ignored)")
+    add_model_flags(p, LoadProfile, ["input_len", "output_len"], custom=FIXED_LENGTHS)
     p.add_argument("--output-json", default=None, help="result file (default results/<kind>-<time>.json)")
     p.add_argument("--label", default="", help="short name for plots and tables")
     add_engine_args(p)
@@ -53,15 +52,12 @@ def add_common_args(p: argparse.ArgumentParser, output_len: int) -> None:
 def build_parser(prog: str = "workbench bench throughput") -> argparse.ArgumentParser:
     p = OneLineParser(prog=prog, description="Offline throughput of the engine, in-process (like `vllm bench "
                                              "throughput`); engine flags as `workbench serve`.")
-    add_common_args(p, output_len=256)
-    p.add_argument("--num-prompts", type=int, default=1000)
-    p.add_argument("--dataset", default="random", choices=DATASET_CHOICES)
-    p.add_argument("--dataset-path", default=None, help="the JSONL file for --dataset jsonl ({'prompt': ...} a line, "
-                                                        "optional 'output_len')")
-    p.add_argument("--range-ratio", type=float, default=0.0,
-                   help="random lengths in [len x (1 - r), len x (1 + r)] (random and prefix-repeat)")
-    p.add_argument("--prefix-len", type=int, default=0, help="shared prefix tokens (prefix-repeat)")
-    p.add_argument("--num-prefixes", type=int, default=1, help="distinct shared prefixes (prefix-repeat)")
+    add_common_args(p)
+    add_model_flags(p, LoadProfile, ["num_prompts", "dataset", "dataset_path", "range_ratio", "prefix_len",
+                                     "num_prefixes"], custom={
+        "num_prompts": {"type": int, "help": "requests"},
+        "dataset": {"choices": DATASET_CHOICES},
+        "dataset_path": {"help": "the JSONL file for --dataset jsonl ({'prompt': ...} a line, optional 'output_len')"}})
     p.add_argument("--baseline", choices=["transformers"], default=None,
                    help="also run the same workload through transformers' continuous batching (generate_batch)")
     p.add_argument("--baseline-num-prompts", type=int, default=None,

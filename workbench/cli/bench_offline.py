@@ -12,7 +12,8 @@ PASS_THROUGH = {"allow_extra_args": True, "ignore_unknown_options": True, "help_
 
 
 def _run(kind: str, argv: list[str]) -> None:
-    from workbench.bench import latency as bench_latency, throughput as bench_throughput
+    from workbench.bench import latency as bench_latency
+    from workbench.bench import throughput as bench_throughput
 
     module = bench_latency if kind == "latency" else bench_throughput
     args = module.build_parser().parse_args(argv)  # bad flags: one line, exit 2

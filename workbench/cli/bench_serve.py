@@ -2,9 +2,11 @@
 generator's own limit, against a compute-free server)."""
 from __future__ import annotations
 
+import argparse
 import csv
 import json
 import math
+import os
 import sys
 from datetime import datetime
 from pathlib import Path
@@ -22,6 +24,35 @@ SHOWN = ["completed", "failed", "duration_s", "request_throughput", "output_thro
          "p99_ttft_ms", "mean_tpot_ms", "median_tpot_ms", "p99_tpot_ms", "mean_itl_ms", "median_itl_ms", "p99_itl_ms",
          "mean_e2el_ms", "p99_e2el_ms", "mean_queue_delay_ms", "p99_queue_delay_ms", "p99_sched_ttft_ms",
          "p99_sched_e2el_ms", "prefix_cache_hit_rate", "server_preemptions", "sessions", "mean_session_duration_s"]
+
+
+LOAD_FLAGS = ["endpoint", "dataset", "dataset_path", "num_prompts", "input_len", "output_len", "range_ratio",
+              "prefix_len", "num_prefixes", "burstiness", "max_concurrency", "seed", "warmup", "duration", "goodput",
+              "num_turns", "think_time", "trace_format", "time_scale", "trace_block_size", "ramp_up", "ramp_up_start",
+              "ramp_up_end"]
+CLIENT_FLAGS = ["base_url", "model", "api_key", "workers", "ignore_eos", "tokenizer", "reset_prefix_cache", "label"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """vLLM's `bench serve` spellings; every default from ServeBenchConfig (workbench/loadgen/config.py)."""
+    from engine.server.args import OneLineParser
+    from workbench.loadgen.config import ServeBenchConfig
+    from workbench.loadgen.flags import add_model_flags
+
+    p = OneLineParser(prog="workbench bench serve", description="Measure any OpenAI-compatible server with "
+                      "streamed requests.")
+    add_model_flags(p, ServeBenchConfig, CLIENT_FLAGS, custom={
+        "model": {"required": True, "help": "model name as the server serves it"},
+        "api_key": {"help": "the server's API key (env: OPENAI_API_KEY)"}})
+    p.set_defaults(api_key=os.environ.get("OPENAI_API_KEY"))
+    add_model_flags(p, ServeBenchConfig, LOAD_FLAGS, custom={
+        "goodput": {"nargs": "+", "action": "extend", "metavar": "KEY:MS", "default": []}})
+    p.add_argument("--request-rate", default="inf", help="requests/s; 'inf', or a comma list for a sweep")
+    p.add_argument("--lora-names", default=None, help="spread requests over these model names (LoRA adapters; list "
+                   "the base model too to mix it in): a,b,c uniformly, or a:3,b:1 with weights")
+    p.add_argument("--sweep", type=int, default=None, help="GuideLLM-style sweep: sync, max, and N rates between")
+    p.add_argument("--result-dir", type=Path, default=Path("results"))
+    return p
 
 
 def parse_rates(text: str) -> list[float]:
@@ -69,7 +100,8 @@ def show(result: BenchResult) -> None:
     console.print(f"prompt lengths: {result.extra.get('lengths')}")
     if result.turns:
         console.print("per turn: " + ", ".join(
-            f"#{int(t['turn']) + 1} ttft {_ms(t['median_ttft_ms'])} hit {_pct(t['prefix_cache_hit_rate'])}" for t in result.turns))
+            f"#{int(t['turn']) + 1} ttft {_ms(t['median_ttft_ms'])} hit {_pct(t['prefix_cache_hit_rate'])}"
+            for t in result.turns))
 
 
 def _ms(v) -> str:
@@ -80,66 +112,24 @@ def _pct(v) -> str:
     return "-" if v is None else f"{v:.0%}"
 
 
-def serve(base_url: str = typer.Option("http://127.0.0.1:8000", help="server root, without /v1"),
-          model: str = typer.Option(..., help="model name as the server serves it"),
-          api_key: str = typer.Option(None, envvar="OPENAI_API_KEY"),
-          endpoint: str = typer.Option("completions", help="completions | chat"),
-          dataset: str = typer.Option("random", help="random | prefix-repeat | sharegpt | jsonl | multi-turn | trace"),
-          dataset_path: str = typer.Option(None, help="file for sharegpt / jsonl / trace; multi-turn: a ShareGPT "
-                                                      "file replayed turn by turn (synthetic sessions without one)"),
-          num_prompts: int = typer.Option(100, help="requests; multi-turn: sessions; trace: the first N rows"),
-          input_len: str = typer.Option("256", help="tokens, or uniform:a,b | normal:mean,std | lognormal:mu,sigma "
-                                                    "| empirical:FILE (multi-turn: each user message)"),
-          output_len: str = typer.Option("128", help="tokens, or a distribution as --input-len"),
-          range_ratio: float = 0.0,
-          prefix_len: int = 0, num_prefixes: int = 1,
-          request_rate: str = typer.Option("inf", help="requests/s; 'inf', or a comma list for a sweep"),
-          burstiness: float = typer.Option(1.0, help="gamma shape of arrival gaps: 1 = Poisson"),
-          max_concurrency: int = typer.Option(None), ignore_eos: bool = False, seed: int = 0,
-          workers: int = typer.Option(1, help="client processes sharing the run (one tops out at a few hundred "
-                                              "req/s; see `workbench bench ceiling`)"),
-          warmup: int = typer.Option(0, help="requests sent first and not measured"),
-          duration: float = typer.Option(None, help="stop sending new requests after S seconds"),
-          goodput: list[str] = typer.Option(None, help="SLO as KEY:MS (ttft, tpot, e2el); repeatable"),
-          tokenizer: str = typer.Option(None, help="tokenizer directory for exact prompt lengths"),
-          sweep: int = typer.Option(None, help="GuideLLM-style sweep: sync, max, and N rates between"),
-          num_turns: int = typer.Option(4, help="multi-turn: turns per session"),
-          think_time: float = typer.Option(0.0, help="multi-turn: seconds between a reply and the next turn"),
-          trace_format: str = typer.Option(None, help="trace: mooncake | burstgpt | azure | jsonl"),
-          time_scale: float = typer.Option(1.0, help="trace: recorded gaps x this (0.5 = twice as fast)"),
-          trace_block_size: int = typer.Option(512, help="mooncake: tokens per hash id"),
-          ramp_up: str = typer.Option(None, help="linear | exponential: the rate goes from --ramp-up-start to "
-                                                 "--ramp-up-end over the run (or --duration)"),
-          ramp_up_start: float = typer.Option(None, help="requests/s at the start of the ramp"),
-          ramp_up_end: float = typer.Option(None, help="requests/s at the end of the ramp"),
-          reset_prefix_cache: bool = typer.Option(True, help="sweeps: POST /reset_prefix_cache before each point "
-                                                             "(where the server has it)"),
-          lora_names: str = typer.Option(None, help="spread requests over these model names (LoRA adapters; list "
-                                                    "the base model too to mix it in): a,b,c uniformly, or "
-                                                    "a:3,b:1 with weights"),
-          result_dir: Path = typer.Option(Path("results")), label: str = "") -> None:
-    """Measure any OpenAI-compatible server with streamed requests."""
+def serve(ctx: typer.Context) -> None:
+    """Measure any OpenAI-compatible server with streamed requests; --help for the flags."""
     from workbench.loadgen.config import ServeBenchConfig, parse_goodput, parse_lora_names
     from workbench.loadgen.runner import ServerUnavailable, run_serve_benchmark
     from workbench.loadgen.sweep import run_rates, run_sweep
 
-    rates = parse_rates(request_rate)
+    args = build_parser().parse_args(list(ctx.args))  # bad flags: one line, exit 2
+    rates = parse_rates(args.request_rate)
+    settings = {k: getattr(args, k) for k in CLIENT_FLAGS + LOAD_FLAGS}
     try:
-        names, weights = parse_lora_names(lora_names)
-        config = ServeBenchConfig(
-            base_url=base_url, model=model, api_key=api_key, endpoint=endpoint, dataset=dataset,
-            dataset_path=dataset_path, num_prompts=num_prompts, input_len=input_len, output_len=output_len,
-            range_ratio=range_ratio, prefix_len=prefix_len, num_prefixes=num_prefixes, request_rate=rates[0],
-            burstiness=burstiness, max_concurrency=max_concurrency, ignore_eos=ignore_eos, seed=seed, warmup=warmup,
-            workers=workers, duration=duration, goodput=parse_goodput(goodput or []), tokenizer=tokenizer, label=label,
-            num_turns=num_turns, think_time=think_time, trace_format=trace_format, time_scale=time_scale,
-            trace_block_size=trace_block_size, ramp_up=ramp_up, ramp_up_start=ramp_up_start,
-            ramp_up_end=ramp_up_end, reset_prefix_cache=reset_prefix_cache, lora_names=names, lora_weights=weights)
+        names, weights = parse_lora_names(args.lora_names)
+        settings["goodput"] = parse_goodput(args.goodput)
+        config = ServeBenchConfig(**settings, request_rate=rates[0], lora_names=names, lora_weights=weights)
     except (ValidationError, ValueError) as exc:
         fail(_first_error(exc), 2)
     try:
-        if sweep is not None:
-            results = run_sweep(config, sweep)
+        if args.sweep is not None:
+            results = run_sweep(config, args.sweep)
         elif len(rates) > 1:
             results = run_rates(config, rates)
         else:
@@ -153,9 +143,9 @@ def serve(base_url: str = typer.Option("http://127.0.0.1:8000", help="server roo
     paths = []
     for result in results:
         show(result)
-        paths.append(save(result, result_dir))
+        paths.append(save(result, args.result_dir))
     if len(results) > 1:
-        summary = result_dir / f"sweep-{datetime.now():%Y%m%d-%H%M%S}.json"
+        summary = args.result_dir / f"sweep-{datetime.now():%Y%m%d-%H%M%S}.json"
         summary.write_text(json.dumps({"kind": "sweep", "results": [str(p) for p in paths]}, indent=2))
         paths.append(summary)
     for p in paths:
@@ -170,7 +160,7 @@ def _first_error(exc: Exception) -> str:
 
 
 def lora_load(adapter: str = typer.Option(..., help="adapter directory (PEFT), as the server sees the path"),
-              base_url: str = typer.Option("http://127.0.0.1:8000", help="server root, without /v1"),
+              base_url: str = typer.Option("http://127.0.0.1:8000", help="the server, with or without /v1"),
               api_key: str = typer.Option(None, envvar="OPENAI_API_KEY"),
               repeats: int = typer.Option(10, min=1),
               model: str = typer.Option(None, help="measure in-process on this model instead of a server (for a "

@@ -8,7 +8,7 @@ import shlex
 import subprocess
 import tempfile
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import typer
@@ -114,7 +114,7 @@ def gate(baseline: Path = typer.Option(None, help="baseline result (a gate basel
     if update_baseline:
         return _write_baseline(baseline, cur, run or [str(p) for p in current])
     env = collect_environment(cur.device)
-    created = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    created = datetime.now(UTC).isoformat(timespec="seconds")
     try:
         rows = compare(_load(baseline).samples, cur.samples, thresholds, Rules(alpha, require_exact)) \
             if baseline else []

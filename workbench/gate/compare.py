@@ -53,7 +53,7 @@ class Threshold:
     relative: bool
 
     @classmethod
-    def parse(cls, spec: str) -> "Threshold":
+    def parse(cls, spec: str) -> Threshold:
         m = SPEC.match(spec.strip())
         if not m:
             raise GateError(f"--metric {spec!r}: expected NAME:-5% (higher is better), NAME:+10% (lower is better), "

@@ -114,13 +114,16 @@ def check(entries: list[dict], thresholds: list[Threshold], rule: HistoryRule, d
     return rows
 
 
+def _fmt(v: float | None) -> str:
+    return "" if v is None else f"{v:,.4g}"
+
+
 def markdown(rows: list[HistoryRow]) -> str:
     lines = ["| metric | window median | window worst | last runs | verdict |", "|---|---:|---:|---|---|"]
     for r in rows:
         recent = ", ".join(f"{v:,.4g}" for v in r.recent or [])
-        fmt = (lambda v: "" if v is None else f"{v:,.4g}")
         mark = {"pass": "✅ pass", "fail": "❌ FAIL", "too-short": "… too short"}[r.verdict]
-        lines.append(f"| {r.metric} | {fmt(r.window_median)} | {fmt(r.window_worst)} | {recent} | {mark} |")
+        lines.append(f"| {r.metric} | {_fmt(r.window_median)} | {_fmt(r.window_worst)} | {recent} | {mark} |")
     return "\n".join(lines)
 
 

@@ -74,7 +74,7 @@ async def sample_metrics(base_url: str, api_key: str | None, start: float, stop:
             samples.append({"t": round(t, 3)} | {k: values[k] for k in (*GAUGES, "preemptions") if k in values})
             try:
                 await asyncio.wait_for(stop.wait(), timeout=every)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
 
 

@@ -44,7 +44,7 @@ def throughput_vs_floor(runs: list[RunFile]):
                                   ceiling_throughput(run))))
         shown = [(k, v) for k, v in values.items() if v]
         ax.barh([k for k, _ in shown], [v for _, v in shown], color=[palette[k] for k, _ in shown])
-        for i, (k, v) in enumerate(shown):
+        for i, (_k, v) in enumerate(shown):
             ax.text(v, i, f" {v:,.0f}", va="center", fontsize=8)
         ax.set_xscale("log")
         ax.set_xlim(min(everything) / 3, max(everything) * 6)

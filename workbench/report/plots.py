@@ -105,7 +105,7 @@ def parallel_coordinates(df: pd.DataFrame, metric: str):
         span = values.max() - values.min()
         scaled[c] = (values - values.min()) / span if span else 0.5
     cmap = plt.get_cmap("viridis")
-    for i, (_, row) in enumerate(scaled.iterrows()):
+    for _, row in scaled.iterrows():
         ax.plot(range(len(cols)), row.values, c=cmap(row[metric]), alpha=0.8)
     ax.set_xticks(range(len(cols)), [c.removeprefix("param:") for c in cols], rotation=20)
     ax.set_yticks([0, 1], ["low", "high"])

@@ -15,8 +15,8 @@ from optuna.study import MaxTrialsCallback
 from optuna.trial import TrialState
 from rich.console import Console
 
-from workbench.tune.study_file import StudyFile
 from workbench.tune import precheck
+from workbench.tune.study_file import StudyFile
 from workbench.tune.trial import TrialFailed, measure, render_flags
 from workbench.tune.validate import candidates, validate
 
@@ -277,7 +277,8 @@ def run_validation(ostudy: optuna.Study, study: StudyFile, opts: TuneOptions) ->
     previous = ostudy.user_attrs.get("validation")
     if previous and all(previous.get(k) == v for k, v in key.items()):
         return previous
-    console.print(f"validating trials {key['trials']} against the defaults: {study.study.validate_rounds} interleaved rounds")
+    console.print(f"validating trials {key['trials']} against the defaults: {study.study.validate_rounds} "
+                  "interleaved rounds")
     result = validate(study, opts, chosen, maximize) | key
     ostudy.set_user_attr("validation", result)
     return result

@@ -29,7 +29,7 @@ class Param(BaseModel):
     choices: list[Any] | None = None
 
     @model_validator(mode="after")
-    def _check(self) -> "Param":
+    def _check(self) -> Param:
         if self.type in ("float", "int"):
             if self.low is None or self.high is None:
                 raise ValueError(f"a {self.type} parameter needs low and high")
@@ -86,7 +86,8 @@ class StudyMeta(BaseModel):
     trial_timeout: float = Field(1800.0, gt=0)  # seconds a trial's workload may take
     baseline: bool = True  # trial 0 runs the defaults: only the [server] flags
     repeats: int = Field(1, ge=1)  # runs per trial against one server; the median is the value
-    validate_rounds: int = Field(0, ge=0, alias="validate")  # interleaved re-runs of the best and the defaults (>= 4 to tell); "validate" in TOML (BaseModel has a validate)
+    # Interleaved re-runs of the best and the defaults (>= 4 to tell); "validate" in TOML (BaseModel has a validate).
+    validate_rounds: int = Field(0, ge=0, alias="validate")
     validate_top: int = Field(2, ge=1)  # how many of the best configurations to re-run
     prune: float | None = Field(None, gt=0, le=1)  # stop a trial after its first repeat below this share of the best
     device_memory: str | None = None  # for the memory pre-check, e.g. "80GiB"; default: this machine's GPU
@@ -103,7 +104,7 @@ class StudyFile(BaseModel):
     capacity: CapacitySpec | None = None  # set: each run searches the highest load that meets the SLO
 
     @model_validator(mode="after")
-    def _check(self) -> "StudyFile":
+    def _check(self) -> StudyFile:
         if self.study.n_trials is None and self.study.timeout is None:
             raise ValueError("study: give n_trials or timeout (or both)")
         if self.study.sampler == "grid" and any(p.type == "float" and p.step is None
