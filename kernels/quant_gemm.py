@@ -43,8 +43,15 @@ import os
 
 import torch
 
-from kernels.quant_pack import (SUPPORTED_BITS, dequantize, pack_along_k, pack_along_n, unpack_along_k,  # noqa: F401
-                                unpack_along_n, values_per_word)
+from kernels.quant_pack import (  # noqa: F401
+    SUPPORTED_BITS,
+    dequantize,
+    pack_along_k,
+    pack_along_n,
+    unpack_along_k,
+    unpack_along_n,
+    values_per_word,
+)
 
 ACT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 GEMV_MAX_M = 1  # the FMA kernel re-unpacks the weights per row: past one row the tensor-core path is cheaper
@@ -298,23 +305,31 @@ def _finish(out: torch.Tensor, m: int, n: int, splits: int, dtype: torch.dtype) 
     return y
 
 
+def _prepare(x, qweight, scales, qzeros, bits, group_size, g_idx, block_k, programs_per_split, splits, target):
+    """Checks, a unit-stride x, and the split of K: (x, m, n, k, splits, per_split in tiles, workspace)."""
+    m, k, n = check_args(x, qweight, scales, qzeros, bits, group_size, g_idx)
+    x = x if x.stride(1) == 1 else x.contiguous()
+    k_tiles = _cdiv(k, block_k)
+    if splits is None:
+        splits, per_split = split_k(k_tiles, max(1, programs_per_split), target)
+    else:
+        per_split = _cdiv(k_tiles, splits)
+    # One split writes the output itself; more write float32 partials that _finish sums.
+    out = torch.empty(splits, m, n, dtype=x.dtype if splits == 1 else torch.float32, device=x.device)
+    return x, m, n, k, splits, per_split, out
+
+
 def gemv_quant_matmul(x, qweight, scales, qzeros, bits, group_size, g_idx=None, *, splits=None) -> torch.Tensor:
     """quant_matmul through the FMA kernel (one program per row of x). `splits` overrides the
     split-K heuristic (tests)."""
-    m, k, n = check_args(x, qweight, scales, qzeros, bits, group_size, g_idx)
-    x = x if x.stride(1) == 1 else x.contiguous()
     block_n = GEMV_COLS_PER_THREAD * 32 * GEMV_WARPS
     block_k = _tile_k(group_size, bits, g_idx is not None, GEMV_ROWS * values_per_word(bits))
-    k_tiles = _cdiv(k, block_k)
-    n_blocks = _cdiv(n, block_n)
-    if splits is None:
-        splits, per_split = split_k(k_tiles, n_blocks * m, DECODE_PROGRAMS)
-    else:
-        per_split = _cdiv(k_tiles, splits)
-    out = torch.empty(splits, m, n, dtype=x.dtype if splits == 1 else torch.float32, device=x.device)
+    n_blocks = _cdiv(qweight.shape[1], block_n)
+    x, m, n, k, splits, per_split, out = _prepare(x, qweight, scales, qzeros, bits, group_size, g_idx, block_k,
+                                                  n_blocks * x.shape[0], splits, DECODE_PROGRAMS)
     if m:
         _gemv_kernel[(n_blocks, splits, m)](
-            x, qweight, scales, qzeros, g_idx if g_idx is not None else qweight, out, m, n, k, x.stride(0),
+            x, qweight, scales, qzeros, qweight if g_idx is None else g_idx, out, m, n, k, x.stride(0),
             per_split * block_k, group_size, (1 << bits) - 1, BITS=bits, BLOCK_N=block_n, BLOCK_K=block_k,
             HAS_GIDX=g_idx is not None, num_warps=GEMV_WARPS)
     return _finish(out, m, n, splits, x.dtype)
@@ -323,25 +338,21 @@ def gemv_quant_matmul(x, qweight, scales, qzeros, bits, group_size, g_idx=None, 
 def dot_quant_matmul(x, qweight, scales, qzeros, bits, group_size, g_idx=None, *, splits=None,
                      block_m=None, block_n=128) -> torch.Tensor:
     """quant_matmul through the tensor-core kernel. block_m defaults from M (16 for decode batches)."""
-    m, k, n = check_args(x, qweight, scales, qzeros, bits, group_size, g_idx)
-    x = x if x.stride(1) == 1 else x.contiguous()
+    m = x.shape[0]
     if block_m is None:
         block_m = 16 if m <= DECODE_MAX_M else 32 if m <= 32 else 64 if m <= 128 else 128
     block_k = 16 * values_per_word(bits)  # 16 packed rows: the K of one tl.dot per field position
-    k_tiles = _cdiv(k, block_k)
-    tiles = _cdiv(m, block_m) * _cdiv(n, block_n)
-    if splits is None:
-        splits, per_split = split_k(k_tiles, tiles, DECODE_PROGRAMS if m <= DECODE_MAX_M else GEMM_PROGRAMS)
-    else:
-        per_split = _cdiv(k_tiles, splits)
-    out = torch.empty(splits, m, n, dtype=x.dtype if splits == 1 else torch.float32, device=x.device)
+    tiles = _cdiv(m, block_m) * _cdiv(qweight.shape[1], block_n)
+    x, m, n, k, splits, per_split, out = _prepare(x, qweight, scales, qzeros, bits, group_size, g_idx, block_k,
+                                                  tiles, splits,
+                                                  DECODE_PROGRAMS if m <= DECODE_MAX_M else GEMM_PROGRAMS)
     if m:
         _dot_kernel[(tiles, splits)](
-            x, qweight, scales, qzeros, g_idx if g_idx is not None else qweight, out, m, n, k, x.stride(0),
-            per_split * block_k, group_size, (1 << bits) - 1, BITS=bits, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-            GROUP_M=8, HAS_GIDX=g_idx is not None, TILE_IN_GROUP=group_size % block_k == 0,
-            PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-            num_warps=4 if block_m <= 64 else 8, num_stages=3)
+            x, qweight, scales, qzeros, qweight if g_idx is None else g_idx, out, m, n, k, x.stride(0),
+            per_split * block_k, group_size, (1 << bits) - 1, BITS=bits, BLOCK_M=block_m, BLOCK_N=block_n,
+            BLOCK_K=block_k, GROUP_M=8, HAS_GIDX=g_idx is not None, TILE_IN_GROUP=group_size % block_k == 0,
+            PRECISION="ieee" if x.dtype == torch.float32 else "tf32", num_warps=4 if block_m <= 64 else 8,
+            num_stages=3)
     return _finish(out, m, n, splits, x.dtype)
 
 
