@@ -43,15 +43,8 @@ import os
 
 import torch
 
-from kernels.quant_pack import (  # noqa: F401
-    SUPPORTED_BITS,
-    dequantize,
-    pack_along_k,
-    pack_along_n,
-    unpack_along_k,
-    unpack_along_n,
-    values_per_word,
-)
+from kernels.quant_pack import (SUPPORTED_BITS, dequantize, pack_along_k, pack_along_n,  # noqa: F401 (re-exported)
+                                unpack_along_k, unpack_along_n, values_per_word)
 
 ACT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 GEMV_MAX_M = 1  # the FMA kernel re-unpacks the weights per row: past one row the tensor-core path is cheaper
