@@ -57,13 +57,13 @@ GEMV_MAX_M = 1  # the FMA kernel re-unpacks the weights per row: past one row th
 DECODE_MAX_M = 16  # up to here the dot kernel takes one 16-row tile and splits K like the GEMV
 DECODE_PROGRAMS = 528  # about four programs per SM of an H100/H200: enough loads in flight to stream HBM
 GEMM_PROGRAMS = 264  # compute-bound tiles: about two waves
-MIN_TILES_PER_SPLIT = 4
+MIN_TILES_PER_SPLIT = 4  # fewer K tiles per program and the split's partial sums cost more than they save
 # GEMV tile: each thread holds 8 packed rows x 8 columns (two 128-bit loads per row); BLOCK_N follows.
 # Chosen by counting the SASS of the loop for sm_90 (ptxas here, no GPU): about 4 instructions per int4
 # weight, of which 3 are the unpack and FMA themselves.
 GEMV_ROWS = 8
 GEMV_COLS_PER_THREAD = 8
-GEMV_WARPS = 2  # fewer K tiles per program and the split's partial sums cost more than they save
+GEMV_WARPS = 2
 
 
 def quant_matmul_reference(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor,
