@@ -70,6 +70,7 @@ def test_cli_flags_build_the_config():
     ([7, 8, 1, 2, 7, 8, 3, 5, 7, 8], [3, 5, 7]),  # the latest occurrence wins
     ([4, 1, 2, 9, 9, 1, 2, 6, 0, 4, 1, 2], [9, 9, 1]),  # the longest n wins: 4 1 2 beats the later 1 2
     ([5, 5, 5, 5], [5]),  # the continuation may run into the suffix itself
+    ([1, 2, 1, 2, 1, 2, 1, 2], [1, 2, 1]),  # a repeating pattern: the earliest hit has k tokens after it
     ([3], []),
 ])
 def test_ngram_propose(tokens, expected):

@@ -3,7 +3,8 @@ prompt + output, longest n first (prompt_lookup_max down to prompt_lookup_min); 
 followed the latest earlier occurrence are the drafts. Host work, numpy only, no model.
 
 The latest occurrence rather than the first: in copy-heavy answers (quoting, editing a text) the
-most recent match is the one being copied.
+most recent match is the one being copied. Unless it is too close to the end to be followed by k
+tokens (a repeating pattern): then the earliest, which has the longest continuation.
 """
 from __future__ import annotations
 
@@ -22,7 +23,8 @@ def ngram_propose(tokens: np.ndarray, k: int, lookup_max: int, lookup_min: int) 
         windows = sliding_window_view(tokens[:num - 1], n)
         hits = np.flatnonzero((windows == pattern).all(axis=1))
         if len(hits):
-            start = int(hits[-1]) + n
+            full = hits[hits + n + k <= num]
+            start = int(full[-1] if len(full) else hits[0]) + n
             return tokens[start:start + k]
     return tokens[:0]
 

@@ -50,20 +50,44 @@ def _race(probs: torch.Tensor, generator: torch.Generator | None, generators: di
     return (probs / noise).argmax(dim=-1)
 
 
-def rejection_sample(target_probs: torch.Tensor, target_argmax: torch.Tensor, draft_tokens: torch.Tensor,
+def rejection_sample(target_probs: torch.Tensor | None, target_argmax: torch.Tensor, draft_tokens: torch.Tensor,
                      num_drafts: torch.Tensor, draft_probs: torch.Tensor | None, bonus_tokens: torch.Tensor,
                      greedy: torch.Tensor, generator: torch.Generator | None = None,
                      generators: dict[int, torch.Generator] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Shapes: R rows (requests), K = the most drafts any row has, V the vocabulary.
-    target_probs [R, K, V]: p_1..p_K (processed); target_argmax [R, K]: argmax of each (greedy rows);
-    draft_tokens [R, K] int64 (padding past num_drafts is ignored); num_drafts [R] int64;
-    draft_probs [R, K, V] or None (point-mass drafts: n-gram); bonus_tokens [R]: drawn from p after
-    row r's last draft (the ordinary sampler's token at the row's last position); greedy [R] bool.
+    target_probs [R, K, V]: p_1..p_K (processed; None when every row is greedy); target_argmax [R, K]:
+    the argmax of each (greedy rows); draft_tokens [R, K] int64 (padding past num_drafts is ignored);
+    num_drafts [R] int64; draft_probs [R, K, V] or None (point-mass drafts: n-gram; rows that are
+    greedy may hold anything); bonus_tokens [R]: drawn from p after row r's last draft (the ordinary
+    sampler's token at the row's last position); greedy [R] bool.
     Returns (tokens [R, K + 1] int64, -1 past each row's end; num_accepted [R])."""
     generators = generators or {}
     rows, k = draft_tokens.shape
     device = draft_tokens.device
     draft_tokens = draft_tokens.clamp_min(0)  # padding may be -1
+    if target_probs is None:
+        accepted, recovered = draft_tokens == target_argmax, target_argmax
+    else:
+        accepted, recovered = _accept_random(target_probs, draft_tokens, draft_probs, generator, generators)
+        accepted = torch.where(greedy.unsqueeze(1), draft_tokens == target_argmax, accepted)
+        recovered = torch.where(greedy.unsqueeze(1), target_argmax, recovered)
+    positions = torch.arange(k, device=device)
+    accepted &= positions.unsqueeze(0) < num_drafts.unsqueeze(1)
+    num_accepted = accepted.long().cumprod(dim=1).sum(dim=1)
+    at = num_accepted.clamp(max=max(k - 1, 0)).unsqueeze(1)
+    next_token = torch.where(num_accepted == num_drafts, bonus_tokens,
+                             recovered.gather(1, at).squeeze(1) if k else bonus_tokens)
+    out = torch.full((rows, k + 1), -1, dtype=torch.int64, device=device)
+    keep = positions.unsqueeze(0) < num_accepted.unsqueeze(1)
+    out[:, :k] = torch.where(keep, draft_tokens, -1)
+    out.scatter_(1, num_accepted.unsqueeze(1), next_token.long().unsqueeze(1))
+    return out, num_accepted
+
+
+def _accept_random(target_probs: torch.Tensor, draft_tokens: torch.Tensor, draft_probs: torch.Tensor | None,
+                   generator: torch.Generator | None,
+                   generators: dict[int, torch.Generator]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(accepted [R, K]: u < p(x) / q(x); a draw from each position's residual [R, K])."""
     idx = draft_tokens.unsqueeze(2)
     p_x = target_probs.gather(2, idx).squeeze(2)
     if draft_probs is None:
@@ -72,20 +96,8 @@ def rejection_sample(target_probs: torch.Tensor, target_argmax: torch.Tensor, dr
     else:
         q_x = draft_probs.gather(2, idx).squeeze(2)
         residual = (target_probs - draft_probs).clamp_min_(0.0)
-    u = _uniform((rows, k), generator, generators, device)
-    accepted = torch.where(greedy.unsqueeze(1), draft_tokens == target_argmax, u * q_x < p_x)
-    positions = torch.arange(k, device=device)
-    accepted &= positions.unsqueeze(0) < num_drafts.unsqueeze(1)
-    num_accepted = accepted.int().cumprod(dim=1).sum(dim=1)
+    u = _uniform(tuple(draft_tokens.shape), generator, generators, draft_tokens.device)
     # The residual of a position that is never rejected may be all zeros (p == q): p stands in.
     empty = residual.sum(dim=2, keepdim=True) <= 0
     residual = torch.where(empty, target_probs, residual)
-    recovered = torch.where(greedy.unsqueeze(1), target_argmax, _race(residual, generator, generators))
-    at = num_accepted.clamp(max=max(k - 1, 0)).unsqueeze(1).long()
-    next_token = torch.where(num_accepted == num_drafts, bonus_tokens,
-                             recovered.gather(1, at).squeeze(1) if k else bonus_tokens)
-    out = torch.full((rows, k + 1), -1, dtype=torch.int64, device=device)
-    keep = positions.unsqueeze(0) < num_accepted.unsqueeze(1)
-    out[:, :k] = torch.where(keep, draft_tokens, -1)
-    out.scatter_(1, num_accepted.long().unsqueeze(1), next_token.unsqueeze(1))
-    return out, num_accepted
+    return u * q_x < p_x, _race(residual, generator, generators)
