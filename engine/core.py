@@ -265,13 +265,17 @@ class EngineCore:
     # ---------------------------------------------------------------- stats
     def get_stats(self) -> EngineStats:
         bm = self.block_manager
+        spec = self.spec_stats or spec_scheduling.SpecDecodeStats(0)
         return EngineStats(
             num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.waiting),
             kv_cache_usage=bm.usage(), num_gpu_blocks=bm.num_blocks,
             num_preemptions_total=self.scheduler.num_preemptions, prefix_cache_queries_total=bm.prefix_queries,
             prefix_cache_hits_total=bm.prefix_hits, prompt_tokens_total=self._counters["prompt_tokens"],
             generation_tokens_total=self._counters["generation_tokens"], num_steps_total=self._counters["steps"],
-            scheduled_tokens_total=self._counters["scheduled_tokens"])
+            scheduled_tokens_total=self._counters["scheduled_tokens"],
+            spec_decode_num_drafts_total=spec.num_drafts, spec_decode_num_draft_tokens_total=spec.num_draft_tokens,
+            spec_decode_num_accepted_tokens_total=spec.num_accepted_tokens,
+            spec_decode_num_accepted_tokens_per_pos=list(spec.accepted_per_pos))
 
 
 def test_faults(spec: str) -> dict[str, int]:
