@@ -172,3 +172,58 @@ def test_seeded_rows_are_reproducible_whatever_the_batch():
                                 gens)[0][seeded_row]
 
     assert run(1, 0).tolist() == run(5, 3).tolist()
+
+
+# ---------------------------------------------------------------- tuner, metrics
+
+
+def test_tuner_searches_num_speculative_tokens():
+    from engine.server.args import build_parser, engine_config
+    from workbench.tune.study_file import find_study, load_study
+    import shlex
+
+    from workbench.tune.trial import render_flags
+
+    study, _ = load_study(find_study("speculative"))
+    assert study.default_flags()["num_speculative_tokens"] == 0  # the defaults trial: no speculation
+    for k in (0, 3):
+        flags = study.server | {"num_speculative_tokens": k}
+        config = engine_config(build_parser().parse_args(["tiny", *shlex.split(render_flags(flags))]))
+        assert config.num_spec_tokens == k
+
+
+def test_tuner_refuses_num_speculative_tokens_without_a_proposer():
+    from workbench.tune.study_file import StudyFile
+
+    with pytest.raises(ValueError, match="speculative_model"):
+        StudyFile.model_validate({"study": {"name": "s", "model": "tiny", "n_trials": 1},
+                                  "search_space": {"num_speculative_tokens": {"type": "int", "low": 0, "high": 3}},
+                                  "objectives": [{"metric": "x", "direction": "maximize"}]})
+
+
+def test_prometheus_spec_decode_counters():
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from engine.messages import EngineStats
+    from engine.server.metrics import StatsCollector
+    from workbench.loadgen.server_side import counter_deltas, parse_metrics
+
+    def stats(drafts, tokens, accepted, per_pos):
+        return EngineStats(0, 0, 0.0, 10, 0, 0, 0, 0, 0, 0, 0, drafts, tokens, accepted, per_pos)
+
+    def scrape(s):
+        registry = CollectorRegistry()
+        registry.register(StatsCollector("m", lambda: s))
+        return generate_latest(registry).decode()
+
+    text = scrape(stats(10, 30, 18, [9, 6, 3]))
+    assert 'vllm:spec_decode_num_drafts_total{model_name="m"} 10.0' in text
+    assert 'vllm:spec_decode_num_draft_tokens_total{model_name="m"} 30.0' in text
+    assert 'vllm:spec_decode_num_accepted_tokens_total{model_name="m"} 18.0' in text
+    for pos, v in enumerate([9, 6, 3]):
+        assert f'vllm:spec_decode_num_accepted_tokens_per_pos_total{{model_name="m",position="{pos}"}} {v}.0' in text
+    assert "spec_decode" not in scrape(stats(0, 0, 0, []))  # off: not exported, as vLLM
+    deltas = counter_deltas(parse_metrics(scrape(stats(10, 30, 18, [9, 6, 3]))),
+                            parse_metrics(scrape(stats(20, 60, 48, [19, 16, 13]))))
+    assert deltas["spec_decode_acceptance_rate"] == pytest.approx(1.0)
+    assert deltas["spec_decode_mean_accepted_length"] == pytest.approx(4.0)

@@ -17,7 +17,7 @@ import time
 from rich.progress import Progress
 
 from workbench.bench_throughput import (OneLineParser, add_common_args, config_record, console, engine_settings,
-                                        llm_kwargs, matmul_dtype, random_prompts, synchronize)
+                                        llm_kwargs, matmul_dtype, random_prompts, spec_decode_metrics, synchronize)
 from workbench.results import BenchResult, collect_environment
 from workbench.roofline import ModelShape, decode_step_floor, measure_device, prefill_floor
 
@@ -84,6 +84,7 @@ def run_latency(args: argparse.Namespace, progress: bool = True) -> BenchResult:
         return time.perf_counter() - start
 
     rows, metrics = [], {}
+    first_stats = engine.get_stats()
     with Progress(console=console, disable=not progress) as bar:
         task = bar.add_task("latency sweep", total=len(sizes) * (args.warmup_iters + 2 * args.iters))
         for bs in sizes:
@@ -92,6 +93,7 @@ def run_latency(args: argparse.Namespace, progress: bool = True) -> BenchResult:
             for _ in range(args.warmup_iters):
                 timed(bs, args.output_len)
                 bar.advance(task)
+            timed_start = engine.get_stats()
             ttfts, e2es = [], []
             for _ in range(args.iters):
                 ttfts.append(timed(bs, 1))
@@ -101,9 +103,16 @@ def run_latency(args: argparse.Namespace, progress: bool = True) -> BenchResult:
             row = _row(bs, statistics.median(ttfts), statistics.median(e2es), args, shape, rates,
                        config.max_num_batched_tokens)
             row["preemptions"] = engine.get_stats().num_preemptions_total - preempted
+            spec = spec_decode_metrics(timed_start, engine.get_stats())  # over the timed runs
+            if spec:
+                row["acceptance_rate"] = spec["spec_decode_acceptance_rate"]
+                row["mean_accepted_length"] = spec["spec_decode_mean_accepted_length"]
             rows.append(row)
-            for name in ("ttft_ms", "tpot_ms", "e2e_ms", "output_throughput", "tpot_floor_ms", "tpot_over_floor"):
-                metrics[f"{name}_bs{bs}"] = row[name]
+            for name in ("ttft_ms", "tpot_ms", "e2e_ms", "output_throughput", "tpot_floor_ms", "tpot_over_floor",
+                         "acceptance_rate", "mean_accepted_length"):
+                if name in row:
+                    metrics[f"{name}_bs{bs}"] = row[name]
+    metrics |= spec_decode_metrics(first_stats, engine.get_stats())
     floor_s = sum(r["e2e_floor_ms"] for r in rows) / 1e3
     metrics["roofline_floor_s"] = floor_s
     metrics["time_over_floor"] = sum(r["e2e_ms"] for r in rows) / 1e3 / floor_s

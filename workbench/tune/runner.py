@@ -130,7 +130,7 @@ def run_study(study: StudyFile, study_text: str, opts: TuneOptions) -> optuna.St
 
     def objective(trial: optuna.Trial):
         is_defaults = trial.user_attrs.get("label") == "defaults"
-        all_flags = {**study.server, **({} if is_defaults else suggest(trial, study))}
+        all_flags = study.default_flags() if is_defaults else {**study.server, **suggest(trial, study)}
         trial.set_user_attr("flags", all_flags)
         try:
             if own_engine:  # the pre-check knows this engine's rules and defaults, not another server's
@@ -314,7 +314,7 @@ def summarize(ostudy: optuna.Study, study: StudyFile, opts: TuneOptions, validat
         c["serve_command"] = serve_command(model, c["flags"])
     if validation:
         winner = next((t for t in trials if t.number == validation["winner"]), None)
-        flags = winner.user_attrs["flags"] if winner else dict(study.server)
+        flags = winner.user_attrs["flags"] if winner else study.default_flags()
         summary["recommended"] = {"trial": validation["winner"], "serve_command": serve_command(model, flags),
                                   "verdict": validation["verdict"]}
     path = opts.results_dir / f"{opts.study_name}-best.json"

@@ -27,7 +27,8 @@ from workbench.tune.study_file import StudyFile
 
 DEFAULT_LAUNCH = f"{shlex.quote(sys.executable)} -m engine.server {{model}} --host {{host}} --port {{port}} {{flags}}"
 COUNTERS = ("num_preemptions_total", "prefix_cache_queries_total", "prefix_cache_hits_total", "prompt_tokens_total",
-            "generation_tokens_total")
+            "generation_tokens_total", "spec_decode_num_drafts_total", "spec_decode_num_draft_tokens_total",
+            "spec_decode_num_accepted_tokens_total")
 
 
 class TrialFailed(Exception):
@@ -241,6 +242,10 @@ def counter_deltas(before: dict, after: dict) -> dict:
     out = {k: v - before.get(k, 0.0) for k, v in after.items()}
     if out.get("prefix_cache_queries_total"):
         out["prefix_cache_hit_rate"] = out.get("prefix_cache_hits_total", 0.0) / out["prefix_cache_queries_total"]
+    if out.get("spec_decode_num_draft_tokens_total") and out.get("spec_decode_num_drafts_total"):
+        accepted = out.get("spec_decode_num_accepted_tokens_total", 0.0)
+        out["spec_decode_acceptance_rate"] = accepted / out["spec_decode_num_draft_tokens_total"]
+        out["spec_decode_mean_accepted_length"] = 1 + accepted / out["spec_decode_num_drafts_total"]
     return out
 
 

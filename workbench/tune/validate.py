@@ -29,7 +29,7 @@ def candidates(trials: list[optuna.trial.FrozenTrial], top: int, maximize: bool)
 
 def validate(study, opts, chosen: list[optuna.trial.FrozenTrial], maximize: bool) -> dict:
     metric = study.objectives[0].metric
-    configs = [("defaults", dict(study.server))] + [(t.number, t.user_attrs["flags"]) for t in chosen]
+    configs = [("defaults", study.default_flags())] + [(t.number, t.user_attrs["flags"]) for t in chosen]
     samples: dict = {name: [] for name, _ in configs}
     failures: dict = {}
     rounds = study.study.validate_rounds
@@ -59,7 +59,7 @@ def validate(study, opts, chosen: list[optuna.trial.FrozenTrial], maximize: bool
     winners = [r for r in rows if r["comparison"]["significant"]]
     best = max(winners, key=lambda r: r["median"] * (1 if maximize else -1)) if winners else None
     return {"metric": metric, "rounds": rounds, "order": [str(n) for n, _ in configs],
-            "defaults": {"flags": dict(study.server), "samples": base,
+            "defaults": {"flags": study.default_flags(), "samples": base,
                          "median": statistics.median(base) if base else None},
             "candidates": rows, "failures": failures, "winner": best["trial"] if best else "defaults",
             "verdict": best["comparison"]["verdict"] if best else "no significant gain over defaults"}
