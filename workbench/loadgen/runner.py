@@ -14,6 +14,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from workbench.datasets import SampleRequest
 from workbench.loadgen.client import make_client, send_request
 from workbench.loadgen.config import ServeBenchConfig
+from workbench.loadgen.lag import lag_cause as default_lag_cause
 from workbench.loadgen.metrics import aggregate, per_turn, windows
 from workbench.loadgen.plan import Plan, build_plan, build_requests, server_token_counter, tokenizer_dir
 from workbench.loadgen.server_side import counter_deltas, sample_metrics, scrape
@@ -80,8 +81,9 @@ def paced(config: ServeBenchConfig) -> bool:
     return not math.isinf(config.request_rate) or bool(config.ramp_up) or config.dataset in ("trace", "multi-turn")
 
 
-async def lag_monitor(stop: asyncio.Event, warnings: list[str]) -> None:
-    """Warn when the event loop falls behind (the client would then distort the measurement)."""
+async def lag_monitor(stop: asyncio.Event, warnings: list[str], cause: str) -> None:
+    """Warn when the event loop falls behind (the client would then distort the measurement); `cause`
+    says why, for this command and machine (loadgen/lag.py)."""
     last_warn = 0.0
     while not stop.is_set():
         t = time.perf_counter()
@@ -89,26 +91,32 @@ async def lag_monitor(stop: asyncio.Event, warnings: list[str]) -> None:
         lag = time.perf_counter() - t - 0.1
         if lag > LAG_WARN_S and time.perf_counter() - last_warn > 3:
             last_warn = time.perf_counter()
-            msg = (f"client event loop lagged {lag * 1e3:.0f} ms: the load generator is near its limit "
-                   "(more --workers help)")
+            msg = f"client event loop lagged {lag * 1e3:.0f} ms: {cause}"
             warnings.append(msg)
             console.print(f"[yellow]warning:[/] {msg}")
 
 
-async def arun_serve_benchmark(config: ServeBenchConfig, progress: bool = True) -> BenchResult:
+async def arun_serve_benchmark(config: ServeBenchConfig, progress: bool = True,
+                               lag_cause: str | None = None) -> BenchResult:
+    """lag_cause: why a lagging client lags, as the warning should say (default: judged from the
+    server's address and this machine, loadgen/lag.py)."""
+    cause = lag_cause or default_lag_cause(config)
     server = probe_server(config)
     plan = build_plan(config)
     total = len(plan.requests) or sum(len(s.turns) for s in plan.sessions)
     cap = config.max_concurrency or total
     client = make_client(config, connections=min(cap, 1024))
     if plan.warmup:
+        if progress:
+            console.print(f"{config.label or 'bench serve'}: warming up with {len(plan.warmup)} requests "
+                          "(not measured)")
         await asyncio.gather(*(send_request(client, config, r, -1, time.perf_counter(), None) for r in plan.warmup))
     run = _Run(config, client, cap, progress, total)
     before = await asyncio.to_thread(scrape, config.base_url, config.api_key)
     samples: list[dict] = []
     run.start = time.perf_counter()
     sampler = asyncio.create_task(sample_metrics(config.base_url, config.api_key, run.start, run.stop, samples))
-    monitor = asyncio.create_task(lag_monitor(run.stop, run.warnings))
+    monitor = asyncio.create_task(lag_monitor(run.stop, run.warnings, cause))
     with run.bar:
         if config.workers > 1:
             records, duration = await run.in_workers(plan)
@@ -125,7 +133,7 @@ async def arun_serve_benchmark(config: ServeBenchConfig, progress: bool = True) 
     await client.close()
     after = await asyncio.to_thread(scrape, config.base_url, config.api_key)
     if run.late:
-        msg = f"{run.late} requests left more than {LAG_WARN_S * 1e3:.0f} ms behind their scheduled time"
+        msg = f"{run.late} requests left more than {LAG_WARN_S * 1e3:.0f} ms behind their scheduled time: {cause}"
         run.warnings.append(msg)
         console.print(f"[yellow]warning:[/] {msg}")
     metrics, errors = aggregate(records, duration, config.goodput, run.peak or peak_concurrency(records))
@@ -222,7 +230,7 @@ class _Run:
         return records, duration
 
 
-def run_serve_benchmark(config: ServeBenchConfig, progress: bool = True) -> BenchResult:
+def run_serve_benchmark(config: ServeBenchConfig, progress: bool = True, lag_cause: str | None = None) -> BenchResult:
     try:  # uvloop roughly halves the client's per-chunk cost
         import uvloop
 
@@ -230,4 +238,4 @@ def run_serve_benchmark(config: ServeBenchConfig, progress: bool = True) -> Benc
     except ImportError:
         factory = None
     with asyncio.Runner(loop_factory=factory) as runner:
-        return runner.run(arun_serve_benchmark(config, progress))
+        return runner.run(arun_serve_benchmark(config, progress, lag_cause))

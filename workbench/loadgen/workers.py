@@ -113,6 +113,7 @@ def _worker(worker_id, config_dict, requests, indices, times, cap, start_at, go,
 
 async def _send_share(worker_id, config, requests, indices, times, cap, start_at, go, inbox) -> None:
     from workbench.loadgen.client import make_client, send_request
+    from workbench.loadgen.lag import lag_cause
     from workbench.loadgen.runner import lag_monitor, wait_for_turn
 
     client = make_client(config, connections=min(cap, 1024))
@@ -143,7 +144,7 @@ async def _send_share(worker_id, config, requests, indices, times, cap, start_at
             inbox.put(("progress", worker_id, list(counts)))
             await asyncio.sleep(FLUSH_S)
 
-    tasks = [asyncio.create_task(report()), asyncio.create_task(lag_monitor(stop, warnings))]
+    tasks = [asyncio.create_task(report()), asyncio.create_task(lag_monitor(stop, warnings, lag_cause(config)))]
     records = await asyncio.gather(*(one(i, r, t) for i, r, t in zip(indices, requests, times)))
     stop.set()
     await asyncio.gather(*tasks)

@@ -5,6 +5,7 @@ import json
 import math
 import shlex
 import time
+import traceback
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +15,7 @@ from optuna.storages import JournalStorage, RDBStorage
 from optuna.study import MaxTrialsCallback
 from optuna.trial import TrialState
 from rich.console import Console
+from rich.markup import escape
 
 from workbench.tune.study_file import StudyFile
 from workbench.tune import precheck
@@ -32,6 +34,7 @@ class TuneOptions:
     timeout: float | None
     launch: str | None
     results_dir: Path
+    fresh: bool = False  # delete the stored study of this name first
 
 
 def make_storage(url: str):
@@ -110,7 +113,10 @@ def run_study(study: StudyFile, study_text: str, opts: TuneOptions) -> optuna.St
     opts.results_dir.mkdir(parents=True, exist_ok=True)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     directions = [o.direction for o in study.objectives]
-    ostudy = optuna.create_study(storage=make_storage(opts.storage), study_name=opts.study_name,
+    storage = make_storage(opts.storage)
+    if opts.fresh:
+        delete_study(storage, opts.study_name)
+    ostudy = optuna.create_study(storage=storage, study_name=opts.study_name,
                                  directions=directions, sampler=make_sampler(study), load_if_exists=True)
     ostudy.set_user_attr("objectives", [o.model_dump() for o in study.objectives])
     ostudy.set_user_attr("constraints", [c.model_dump() for c in study.constraints])
@@ -119,7 +125,9 @@ def run_study(study: StudyFile, study_text: str, opts: TuneOptions) -> optuna.St
     n_trials = opts.n_trials or study.study.n_trials
     done = len(ostudy.get_trials(deepcopy=False, states=FINISHED))
     if n_trials is not None and done >= n_trials:
-        console.print(f"study {opts.study_name!r} already has {done} finished trials (of {n_trials}); nothing to run")
+        console.print(f"study {opts.study_name!r} already has {done} finished trials (of {n_trials}); nothing to run. "
+                      f"To start afresh add --fresh (deletes this study from the storage) or --study-name NEW "
+                      f"(keeps it); to run more trials, --n-trials {done + n_trials}", soft_wrap=True)
         return ostudy
     if study.study.baseline and not ostudy.get_trials(deepcopy=False):
         # Enqueued, so that whichever worker takes trial 0 runs it, and no sampler spends a point on it.
@@ -130,6 +138,10 @@ def run_study(study: StudyFile, study_text: str, opts: TuneOptions) -> optuna.St
 
     def objective(trial: optuna.Trial):
         is_defaults = trial.user_attrs.get("label") == "defaults"
+
+        def status(text: str) -> None:
+            console.print(f"trial {trial.number}: {text}", markup=False, highlight=False, soft_wrap=True)
+
         all_flags = study.default_flags() if is_defaults else {**study.server, **suggest(trial, study)}
         trial.set_user_attr("flags", all_flags)
         try:
@@ -139,16 +151,18 @@ def run_study(study: StudyFile, study_text: str, opts: TuneOptions) -> optuna.St
                 if why:
                     raise TrialFailed(why, "precheck")
             m = measure(study, all_flags, opts.results_dir, opts.launch, f"{opts.study_name}-trial{trial.number}",
-                        seeds, after_repeat=lambda i, runs: _maybe_prune(trial, ostudy, study, i, runs))
+                        seeds, after_repeat=lambda i, runs: _maybe_prune(trial, ostudy, study, i, runs),
+                        status=status)
         except TrialFailed as exc:
             return _infeasible(trial, study, n_trials, exc)
         except optuna.TrialPruned:
-            _report(trial.number, n_trials, "pruned", "clearly below the best after its first run")
+            _report(trial, n_trials, "pruned", "clearly below the best after its first run")
             raise
         except Exception as exc:  # a fault of ours or of the workload, not of the configuration
             reason = f"{type(exc).__name__}: {exc}"
             trial.set_user_attr("fail_reason", reason)
-            _report(trial.number, n_trials, "FAILED", reason[:200])
+            trial.set_user_attr("fail_detail", traceback.format_exc())
+            _report(trial, n_trials, "FAILED", reason[:200])
             raise TrialError(reason) from exc
         return _complete(trial, study, n_trials, m, is_defaults)
 
@@ -186,7 +200,7 @@ def _complete(trial: optuna.Trial, study: StudyFile, n_trials: int | None, m, is
     feasible = all(v <= 0 for v in violations)
     spread = "; ".join(f"{o.metric} {_spread(m.samples.get(o.metric))}" for o in study.objectives
                        if len(m.samples.get(o.metric) or []) > 1)
-    _report(trial.number, n_trials, "ok" if feasible else "infeasible",
+    _report(trial, n_trials, "ok" if feasible else "infeasible",
             ("defaults: " if is_defaults else "") + ", ".join(f"{o.metric}={v:,.2f}" for o, v in
                                                               zip(study.objectives, values))
             + (f" (repeats: {spread})" if spread else ""))
@@ -198,11 +212,13 @@ def _infeasible(trial: optuna.Trial, study: StudyFile, n_trials: int | None, exc
     constrained TPE and NSGA-II learn the region), and the worst value of each objective."""
     trial.set_user_attr("fail_reason", str(exc))
     trial.set_user_attr("fail_kind", exc.kind)
+    if exc.detail:
+        trial.set_user_attr("fail_detail", exc.detail)
     trial.set_user_attr("constraints", [1.0] * max(1, len(study.constraints)))
     trial.set_constraint("runs", 1.0)
     for c in study.constraints:
         trial.set_constraint(f"{c.metric} {c.op} {c.value:g}", 1.0)
-    _report(trial.number, n_trials, "FAILED", f"{exc.kind}: {str(exc)[:200]}")
+    _report(trial, n_trials, "FAILED", f"{exc.kind}: {str(exc)[:200]}")
     values = [0.0 if o.direction == "maximize" else math.inf for o in study.objectives]
     return values[0] if len(values) == 1 else values
 
@@ -226,9 +242,41 @@ def _spread(samples: list[float] | None) -> str:
     return f"{min(samples):,.2f}..{max(samples):,.2f}" if samples else "-"
 
 
-def _report(number: int, total: int | None, state: str, detail: str) -> None:
+def _report(trial: optuna.Trial, total: int | None, state: str, detail: str) -> None:
+    """One line per finished trial: its number (Optuna's, from 0: as in the table, the files and the
+    report), then how many of the study's trials are done (all workers'), this one included."""
     colour = {"ok": "green", "infeasible": "yellow", "FAILED": "red", "pruned": "yellow"}.get(state, "white")
-    console.print(f"trial {number + 1}{f'/{total}' if total else ''} [{colour}]{state}[/] {detail}")
+    done = len(trial.study.get_trials(deepcopy=False, states=FINISHED)) + 1
+    of = f" of {total}" if total else ""
+    console.print(f"trial {trial.number} [{colour}]{state}[/] {escape(detail)} [dim]({done}{of} trials done)[/]",
+                  soft_wrap=True)
+
+
+def delete_study(storage, name: str) -> None:
+    """--fresh: the stored study of this name goes (its result files stay, overwritten as trials rerun)."""
+    try:
+        count = len(optuna.load_study(study_name=name, storage=storage).get_trials(deepcopy=False))
+    except KeyError:
+        console.print(f"--fresh: no study {name!r} in the storage yet")
+        return
+    optuna.delete_study(study_name=name, storage=storage)
+    console.print(f"--fresh: deleted study {name!r} ({count} trials) from the storage")
+
+
+def first_failure(ostudy: optuna.Study) -> optuna.trial.FrozenTrial | None:
+    """When no trial measured anything (each failed or was refused), the first of them; else None."""
+    trials = ostudy.get_trials(deepcopy=False)
+    measured = [t for t in trials if t.state == TrialState.PRUNED
+                or t.state == TrialState.COMPLETE and "fail_kind" not in t.user_attrs]
+    failed = [t for t in trials if t.state == TrialState.FAIL or "fail_kind" in t.user_attrs]
+    return failed[0] if failed and not measured else None
+
+
+def failure_text(t: optuna.trial.FrozenTrial) -> str:
+    """A failed trial's reason and, where there is one, the whole detail (server log, traceback)."""
+    head = f"trial {t.number} ({t.user_attrs.get('fail_kind', 'error')}): {t.user_attrs.get('fail_reason', '?')}"
+    detail = t.user_attrs.get("fail_detail")
+    return head + (f"\n{detail}" if detail else "")
 
 
 def _json_safe(metrics: dict) -> dict:
