@@ -291,6 +291,19 @@ def test_every_trial_failing_exits_non_zero_with_the_first_failure_in_full(tmp_p
     assert "relax the constraints" not in r.output
 
 
+def test_a_missing_postgres_driver_names_the_extra(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "psycopg2", None)  # as if the driver were not installed
+    monkeypatch.setitem(sys.modules, "psycopg", None)
+    path = study_file(tmp_path, CHEAP)
+    for url in ("postgresql+psycopg2://u@127.0.0.1:1/tune", "postgresql://u@127.0.0.1:1/tune"):
+        r = CliRunner().invoke(app, ["tune", str(path), "--storage", url, "--results-dir", str(tmp_path),
+                                     "--launch", NULL_FLAGS])
+        assert r.exit_code == 1 and "Traceback" not in r.output
+        last = r.output.strip().splitlines()[-1]
+        assert last.startswith(f"error: storage {url}: the PostgreSQL driver (psycopg") and \
+            last.endswith('is not installed: pip install -e ".[postgres]"'), r.output
+
+
 @pytest.fixture
 def postgres():
     if os.environ.get("PAGEDBENCH_PG_URL"):

@@ -1,12 +1,14 @@
 """`workbench report`: the Streamlit app, or a static export for CI artifacts."""
 from __future__ import annotations
 
-import subprocess
 import sys
 from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
+
+from reports.launch import run_child
 
 console = Console(stderr=True)
 APP = Path(__file__).resolve().parents[1] / "reports" / "app.py"
@@ -19,6 +21,14 @@ def report(storage: str = typer.Option(None, help="Optuna storage URL (e.g. sqli
     """Look at studies, benchmark runs and the gate's history."""
     if storage is None and (results / "tune.db").is_file():
         storage = f"sqlite:///{results / 'tune.db'}"
+    if storage:
+        from workbench.tune.storage import StorageError, check_readable
+
+        try:
+            check_readable(storage)
+        except StorageError as exc:
+            console.print(f"[red]error:[/] {escape(str(exc))}", soft_wrap=True)
+            raise typer.Exit(1) from None
     if export is not None:
         from reports.export import export as do_export
 
@@ -30,4 +40,4 @@ def report(storage: str = typer.Option(None, help="Optuna storage URL (e.g. sqli
     if storage:
         args += ["--storage", storage]
     console.print(f"report at http://localhost:{port} (Ctrl-C to stop)")
-    raise typer.Exit(subprocess.call(args))
+    raise typer.Exit(run_child(args))

@@ -33,6 +33,7 @@ def tune(study: str = typer.Argument(None, help="study file or name (studies/NAM
     from workbench.tune.runner import (TuneOptions, failure_text, first_failure, run_study, run_validation,
                                        summarize)
     from workbench.tune.checks import check_study
+    from workbench.tune.storage import StorageError
     from workbench.tune.study_file import StudyError, find_study, load_study
 
     try:
@@ -69,8 +70,11 @@ def tune(study: str = typer.Argument(None, help="study file or name (studies/NAM
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/]: finished trials are stored; run the same command again to resume")
         raise typer.Exit(130) from None
-    except Exception as exc:  # storage unreachable, bad URL, ...
-        console.print(f"[red]error:[/] {type(exc).__name__}: {exc}")
+    except StorageError as exc:  # a bad URL, an unreachable database, a missing driver
+        console.print(f"[red]error:[/] {escape(str(exc))}", soft_wrap=True)
+        raise typer.Exit(1) from None
+    except Exception as exc:
+        console.print(f"[red]error:[/] {escape(f'{type(exc).__name__}: {exc}')}", soft_wrap=True)
         raise typer.Exit(1) from None
     summary = summarize(ostudy, spec, opts, validation)
     show(summary)

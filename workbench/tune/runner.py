@@ -6,17 +6,16 @@ import math
 import shlex
 import time
 import traceback
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import optuna
-from optuna.storages import JournalStorage, RDBStorage
 from optuna.study import MaxTrialsCallback
 from optuna.trial import TrialState
 from rich.console import Console
 from rich.markup import escape
 
+from workbench.tune.storage import explain, open_storage
 from workbench.tune.study_file import StudyFile
 from workbench.tune import precheck
 from workbench.tune.trial import TrialFailed, measure, render_flags
@@ -38,23 +37,18 @@ class TuneOptions:
 
 
 def make_storage(url: str):
-    """SQLite or any SQL URL (heartbeats mark trials of a killed worker failed), or journal:PATH."""
-    if url.startswith("journal:"):
-        from optuna.storages.journal import JournalFileBackend
-
-        return JournalStorage(JournalFileBackend(url.removeprefix("journal:")))
+    """SQLite or any SQL URL (heartbeats mark trials of a killed worker failed), or journal:PATH;
+    StorageError (one line) when it cannot be opened."""
     import sqlalchemy.exc
 
     for attempt in range(5):
         try:
-            with warnings.catch_warnings():  # heartbeats are marked experimental, and are what we want
-                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                return RDBStorage(url, heartbeat_interval=10, grace_period=60)
-        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError):
+            return open_storage(url)
+        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError) as exc:
             # Workers started together on an empty database race to create Optuna's tables; the
             # loser sees "already exists". The schema is there now: connect again.
             if attempt == 4:
-                raise
+                raise explain(url, exc) from None
             time.sleep(0.5 + attempt)
 
 
@@ -339,6 +333,14 @@ def _search_ratio(trial: optuna.trial.FrozenTrial, defaults: optuna.trial.Frozen
     return f"{trial.values[0] / defaults.values[0] - 1:+.1%} vs defaults in the search (not validated)"
 
 
+def _why_not_validated(study: StudyFile, best: list) -> str:
+    if not study.study.validate_rounds:
+        return "not validated (validate = 0)"
+    if len(study.objectives) > 1:
+        return "not validated (validation needs a single objective)"
+    return "not validated: no feasible searched trial to re-run against the defaults"
+
+
 def summarize(ostudy: optuna.Study, study: StudyFile, opts: TuneOptions, validation: dict | None = None) -> dict:
     trials = ostudy.get_trials(deepcopy=False)
     best = best_trials(ostudy)
@@ -357,7 +359,7 @@ def summarize(ostudy: optuna.Study, study: StudyFile, opts: TuneOptions, validat
                "defaults": entry(defaults) if defaults else None,
                "best": [entry(t) | {"vs_defaults": checked.get(t.number) or _search_ratio(t, defaults)} for t in best],
                "validation": validation,
-               "verdict": validation["verdict"] if validation else "not validated (validate = 0)"}
+               "verdict": validation["verdict"] if validation else _why_not_validated(study, best)}
     for c in (validation or {}).get("candidates", []):
         c["serve_command"] = serve_command(model, c["flags"])
     if validation:
