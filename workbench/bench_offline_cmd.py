@@ -55,11 +55,16 @@ def _latency_table(result) -> Table:
         table.add_column(column, justify="right")
     for r in result.extra["rows"]:
         table.add_row(str(r["batch_size"]), f"{r['ttft_ms']:.2f}", f"{r['tpot_ms']:.3f}", f"{r['e2e_ms']:.1f}",
-                      f"{r['output_throughput']:,.1f}", f"{r['tpot_floor_ms']:.3f}", f"{r['tpot_over_floor']:.2f}",
+                      f"{r['output_throughput']:,.1f}", _maybe(r.get("tpot_floor_ms"), ".3f"),
+                      _maybe(r.get("tpot_over_floor"), ".2f"),
                       str(r["preemptions"]),
                       *((f"{r.get('acceptance_rate', 0):.1%}", f"{r.get('mean_accepted_length', 1):.2f}") if spec
                         else ()))
     return table
+
+
+def _maybe(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)  # no floor where the measurement beat it (CPU)
 
 
 def _quality_table(result) -> Table:
