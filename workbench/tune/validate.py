@@ -36,16 +36,18 @@ def validate(study, opts, chosen: list[optuna.trial.FrozenTrial], maximize: bool
     for r in range(rounds):
         for name, flags in configs:
             label = f"{opts.study_name}-validate-{'defaults' if name == 'defaults' else f'trial{name}'}-v{r}"
+            who = f"validate round {r + 1}/{rounds} {'defaults' if name == 'defaults' else f'trial {name}'}"
             try:
-                m = measure(study, flags, opts.results_dir, opts.launch, label, [study.workload.seed + SEED_OFFSET + r])
+                m = measure(study, flags, opts.results_dir, opts.launch, label, [study.workload.seed + SEED_OFFSET + r],
+                            status=lambda text: console.print(f"{who}: {text}", markup=False, highlight=False,
+                                                              soft_wrap=True))
                 value = m.metrics.get(metric)
             except TrialFailed as exc:
                 failures.setdefault(str(name), []).append(str(exc)[:300])
                 value = None
             if value is not None:
                 samples[name].append(float(value))
-            console.print(f"validate round {r + 1}/{rounds} {'defaults' if name == 'defaults' else f'trial {name}'}: "
-                          f"{metric}={value if value is None else f'{value:,.2f}'}")
+            console.print(f"{who}: {metric}={value if value is None else f'{value:,.2f}'}")
     base = samples["defaults"]
     rows = []
     for t in chosen:
