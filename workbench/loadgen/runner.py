@@ -93,7 +93,7 @@ async def lag_monitor(stop: asyncio.Event, warnings: list[str], cause: str) -> N
             last_warn = time.perf_counter()
             msg = f"client event loop lagged {lag * 1e3:.0f} ms: {cause}"
             warnings.append(msg)
-            console.print(f"[yellow]warning:[/] {msg}")
+            console.print(f"[yellow]warning:[/] {msg}", soft_wrap=True)
 
 
 async def arun_serve_benchmark(config: ServeBenchConfig, progress: bool = True,
@@ -135,7 +135,7 @@ async def arun_serve_benchmark(config: ServeBenchConfig, progress: bool = True,
     if run.late:
         msg = f"{run.late} requests left more than {LAG_WARN_S * 1e3:.0f} ms behind their scheduled time: {cause}"
         run.warnings.append(msg)
-        console.print(f"[yellow]warning:[/] {msg}")
+        console.print(f"[yellow]warning:[/] {msg}", soft_wrap=True)
     metrics, errors = aggregate(records, duration, config.goodput, run.peak or peak_concurrency(records))
     metrics |= counter_deltas(before, after)
     settings = config.model_dump(mode="json")
