@@ -94,8 +94,10 @@ def check_engine_flags(study: StudyFile, path: Path) -> None:
         except _ParseError as exc:
             raise StudyError(f"{path}: {where}: {exc}") from None
 
-    args = parse(study.server, "server")
-    try:  # the fixed flags must make a valid configuration; searched values may fail (the sampler learns)
+    # The defaults trial (the fixed flags, searched keys that need a value at their off value) must make a
+    # valid configuration; searched values may fail (the sampler learns).
+    args = parse(study.default_flags(), "server")
+    try:
         engine_config(args)
     except ConfigError as exc:
         raise StudyError(f"{path}: server: {exc}") from None

@@ -206,12 +206,11 @@ def metric_names(study: StudyFile) -> dict[str, bool]:
     synthetic request (so the list cannot drift from them): name -> whether this workload fills it
     (False: reported empty, e.g. request_goodput without [workload] goodput)."""
     if study.workload.type == "throughput":
-        from types import SimpleNamespace
-
+        from engine.messages import EngineStats
         from workbench.bench_throughput import _metrics
 
-        zero, one = (SimpleNamespace(num_steps_total=v, prefix_cache_queries_total=v, prefix_cache_hits_total=v,
-                                     scheduled_tokens_total=v, num_preemptions_total=v) for v in (0, 1))
+        # Counters that moved, speculation's included (its metrics are valid names for any model).
+        zero, one = (EngineStats(0, 0, 0.0, 1, v, v, v, v, v, v, v, v, v, v, [v]) for v in (0, 1))
         names = _metrics(1, 1, 1, 1.0, zero, one) | dict.fromkeys(THROUGHPUT_ROOFLINE_METRICS, 1.0)
         return {k: v is not None for k, v in names.items()}
     from workbench.loadgen import server_side
