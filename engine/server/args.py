@@ -108,16 +108,31 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     e.add_argument("--max-loras", type=int, help="GPU slots: distinct adapters in one step")
     e.add_argument("--max-lora-rank", type=int, help="the largest adapter rank")
     e.add_argument("--max-cpu-loras", type=int, default=None, help="adapters kept in CPU memory (default max-loras)")
+    e.add_argument("--speculative-config", type=speculative_json, default=None,
+                   help='speculative decoding, as vLLM: JSON {"method": "ngram" | "draft_model", "model": ..., '
+                        '"num_speculative_tokens": k, "prompt_lookup_max": 4, "prompt_lookup_min": 2}')
+    e.add_argument("--speculative-model", default=None,
+                   help='older form: "[ngram]" for prompt lookup, else a draft model (preset or directory)')
+    e.add_argument("--num-speculative-tokens", type=int, default=None, help="draft tokens per step (0: off)")
+    e.add_argument("--ngram-prompt-lookup-max", type=int, default=None)
+    e.add_argument("--ngram-prompt-lookup-min", type=int, default=None)
     # Accepted so vLLM command lines parse; EngineConfig refuses them with a clear message.
     e.add_argument("--tensor-parallel-size", "-tp", type=int)
     e.add_argument("--pipeline-parallel-size", "-pp", type=int)
     e.add_argument("--quantization", "-q", default=None)
-    e.add_argument("--speculative-model", default=None)
-    e.add_argument("--num-speculative-tokens", type=int, default=None)
 
 
 SERVER_ONLY = {"host", "port", "api_key", "max_n", "log_level", "api_server_count", "max_waiting_requests",
                "lora_modules"}
+
+
+def speculative_json(text: str) -> dict:
+    from engine.spec_decode.config import SpecConfigError, parse_json
+
+    try:
+        return parse_json(text)
+    except SpecConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _positive_int(text: str) -> int:

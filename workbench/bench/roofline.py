@@ -2,7 +2,8 @@
 
 An estimate, stated as such in every report. The model:
 - Device: the measured copy bandwidth (bytes read + written per second, median of 5 copies of
-  1 GiB on GPU, 64 MiB on CPU) and the measured matmul rate (median of 5 square matmuls, 8192 on
+  1 GiB on GPU, 64 MiB on CPU unless the caller sizes the copy to its working set, as `bench latency`
+  does on CPU, where caches make the size matter) and the measured matmul rate (median of 5 square matmuls, 8192 on
   GPU, 1024 on CPU, in the engine's dtype: bf16 on GPU unless float32 was asked for). Real kernels
   rarely beat these, but can come close, so ratios near 1 are possible and below 1 means the
   model is off, not that the engine broke physics.
@@ -52,10 +53,10 @@ class DeviceRates:
         return asdict(self)
 
 
-def measure_device(device: str, dtype: torch.dtype) -> DeviceRates:
+def measure_device(device: str, dtype: torch.dtype, copy_bytes: int | None = None) -> DeviceRates:
     """A quick measurement (about a second): one copy and one matmul size, median of 5 each."""
     on_gpu = device == "cuda"
-    nbytes = GiB if on_gpu else 64 * MiB
+    nbytes = copy_bytes or (GiB if on_gpu else 64 * MiB)
     src = torch.ones(nbytes, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
     copy_s = _median_seconds(lambda: dst.copy_(src), on_gpu)

@@ -294,7 +294,26 @@ def _metrics(num_prompts: int, in_tokens: int, out_tokens: int, elapsed: float, 
             "total_output_tokens": out_tokens, "num_steps": steps,
             "tokens_per_step": (after.scheduled_tokens_total - before.scheduled_tokens_total) / max(1, steps),
             "num_preemptions": after.num_preemptions_total - before.num_preemptions_total,
-            "prefix_cache_hit_rate": hits / queries if queries else 0.0}
+            "prefix_cache_hit_rate": hits / queries if queries else 0.0} | spec_decode_metrics(before, after)
+
+
+def spec_decode_metrics(before, after) -> dict:
+    """Speculative decoding over the run, from the engine's counters (vLLM's definitions): acceptance
+    rate = accepted / draft tokens; mean accepted length = 1 + accepted / drafts, the tokens each
+    verification of a request yields. Empty when speculation is off."""
+    if not after.spec_decode_num_accepted_tokens_per_pos:
+        return {}
+    drafts = after.spec_decode_num_drafts_total - before.spec_decode_num_drafts_total
+    tokens = after.spec_decode_num_draft_tokens_total - before.spec_decode_num_draft_tokens_total
+    accepted = after.spec_decode_num_accepted_tokens_total - before.spec_decode_num_accepted_tokens_total
+    per_pos = [a - b for a, b in zip(after.spec_decode_num_accepted_tokens_per_pos,
+                                     before.spec_decode_num_accepted_tokens_per_pos or
+                                     [0] * len(after.spec_decode_num_accepted_tokens_per_pos))]
+    return {"spec_decode_num_drafts": drafts, "spec_decode_num_draft_tokens": tokens,
+            "spec_decode_num_accepted_tokens": accepted,
+            "spec_decode_acceptance_rate": accepted / tokens if tokens else 0.0,
+            "spec_decode_mean_accepted_length": 1 + accepted / drafts if drafts else 1.0,
+            **{f"spec_decode_acceptance_rate_pos{i}": a / drafts if drafts else 0.0 for i, a in enumerate(per_pos)}}
 
 
 def _run_baseline(model_dir: Path, prompts, warmup, output_len: int, config: EngineConfig, limits) -> dict:

@@ -47,13 +47,22 @@ def _metrics_table(result, model: str) -> Table:
 
 def _latency_table(result) -> Table:
     table = Table(title=f"bench latency: {result.config.get('model')}")
-    for column in ("batch", "TTFT ms", "TPOT ms", "E2E ms", "tok/s", "TPOT floor ms", "TPOT / floor", "preempted"):
+    spec = any("acceptance_rate" in r for r in result.extra["rows"])
+    for column in ("batch", "TTFT ms", "TPOT ms", "E2E ms", "tok/s", "TPOT floor ms", "TPOT / floor", "preempted",
+                   *(("accepted", "mean accepted len") if spec else ())):
         table.add_column(column, justify="right")
     for r in result.extra["rows"]:
         table.add_row(str(r["batch_size"]), f"{r['ttft_ms']:.2f}", f"{r['tpot_ms']:.3f}", f"{r['e2e_ms']:.1f}",
-                      f"{r['output_throughput']:,.1f}", f"{r['tpot_floor_ms']:.3f}", f"{r['tpot_over_floor']:.2f}",
-                      str(r["preemptions"]))
+                      f"{r['output_throughput']:,.1f}", _maybe(r.get("tpot_floor_ms"), ".3f"),
+                      _maybe(r.get("tpot_over_floor"), ".2f"),
+                      str(r["preemptions"]),
+                      *((f"{r.get('acceptance_rate', 0):.1%}", f"{r.get('mean_accepted_length', 1):.2f}") if spec
+                        else ()))
     return table
+
+
+def _maybe(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)  # no floor where the measurement beat it (CPU)
 
 
 def _quality_table(result) -> Table:

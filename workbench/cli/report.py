@@ -1,13 +1,13 @@
 """`workbench report`: the Streamlit app, or a static export for CI artifacts."""
 from __future__ import annotations
 
-import subprocess
 import sys
 from pathlib import Path
 
 import typer
 
-from workbench.cli.console import console
+from workbench.cli.console import console, fail
+from workbench.report.launch import run_child
 
 APP = Path(__file__).resolve().parents[1] / "report" / "app.py"
 
@@ -19,6 +19,13 @@ def report(storage: str = typer.Option(None, help="Optuna storage URL (e.g. sqli
     """Look at studies, benchmark runs and the gate's history."""
     if storage is None and (results / "tune.db").is_file():
         storage = f"sqlite:///{results / 'tune.db'}"
+    if storage:
+        from workbench.tune.storage import StorageError, check_readable
+
+        try:
+            check_readable(storage)
+        except StorageError as exc:
+            fail(str(exc))
     if export is not None:
         from workbench.report.export import export as do_export
 
@@ -30,4 +37,4 @@ def report(storage: str = typer.Option(None, help="Optuna storage URL (e.g. sqli
     if storage:
         args += ["--storage", storage]
     console.print(f"report at http://localhost:{port} (Ctrl-C to stop)")
-    raise typer.Exit(subprocess.call(args))
+    raise typer.Exit(run_child(args))

@@ -24,16 +24,21 @@ def tune(study: str = typer.Argument(None, help="study file or name (studies/NAM
          repeats: int = typer.Option(None, min=1, help="override the study's repeats (runs per trial)"),
          validate: int = typer.Option(None, min=0, help="override the study's validate (interleaved re-runs; "
                                                          "0: none, e.g. for all but the last of several sittings)"),
-         results_dir: Path = typer.Option(Path("results"), help="where trial results and the best config go")) -> None:
+         results_dir: Path = typer.Option(Path("results"), help="where trial results and the best config go"),
+         fresh: bool = typer.Option(False, "--fresh", help="delete the stored study of this name first and "
+                                                            "start over (not for a second worker of a shared "
+                                                            "study)")) -> None:
     """Find the engine settings that serve a workload best within its constraints."""
-    from workbench.tune.runner import TuneOptions, run_study, run_validation, summarize
+    from workbench.tune.checks import check_study
+    from workbench.tune.runner import TuneOptions, failure_text, first_failure, run_study, run_validation, summarize
+    from workbench.tune.storage import StorageError
     from workbench.tune.study_file import StudyError, find_study, load_study
 
     try:
         path = find_study(study)
         spec, text = load_study(path)
     except StudyError as exc:
-        console.print(f"[red]error:[/] {exc}")
+        console.print(f"[red]error:[/] {escape(str(exc))}", soft_wrap=True)
         raise typer.Exit(2) from None
     if model:
         spec.study.model = model
@@ -44,15 +49,17 @@ def tune(study: str = typer.Argument(None, help="study file or name (studies/NAM
             console.print("[red]error:[/] --validate: give 0 (off) or at least 2")
             raise typer.Exit(2)
         spec.study.validate_rounds = validate
-    if launch and "{port}" not in launch:
-        console.print("[red]error:[/] --launch must contain {port} (and usually {model} and {flags})")
-        raise typer.Exit(2)
+    try:
+        check_study(spec, path, launch)
+    except StudyError as exc:
+        console.print(f"[red]error:[/] {escape(str(exc))}", soft_wrap=True)
+        raise typer.Exit(2) from None
     name = study_name or spec.study.name
     if storage is None:
         results_dir.mkdir(parents=True, exist_ok=True)
         storage = f"sqlite:///{results_dir / 'tune.db'}"
     opts = TuneOptions(storage=storage, study_name=name, n_trials=n_trials, timeout=timeout, launch=launch,
-                       results_dir=results_dir)
+                       results_dir=results_dir, fresh=fresh)
     console.print(f"study [bold]{name}[/] from {path}: model {spec.study.model}, "
                   f"{opts.n_trials or spec.study.n_trials or 'unlimited'} trials, storage {storage}")
     try:
@@ -61,13 +68,21 @@ def tune(study: str = typer.Argument(None, help="study file or name (studies/NAM
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/]: finished trials are stored; run the same command again to resume")
         raise typer.Exit(130) from None
-    except Exception as exc:  # storage unreachable, bad URL, ...
-        console.print(f"[red]error:[/] {type(exc).__name__}: {exc}")
+    except StorageError as exc:  # a bad URL, an unreachable database, a missing driver
+        console.print(f"[red]error:[/] {escape(str(exc))}", soft_wrap=True)
+        raise typer.Exit(1) from None
+    except Exception as exc:
+        console.print(f"[red]error:[/] {escape(f'{type(exc).__name__}: {exc}')}", soft_wrap=True)
         raise typer.Exit(1) from None
     summary = summarize(ostudy, spec, opts, validation)
     show(summary)
     console.print(f"best configuration written to {summary['path']}")
     console.print(f"open the report: workbench report --storage {storage} --results {results_dir}")
+    failed = first_failure(ostudy)
+    if failed is not None:
+        console.print("[red]every trial failed[/]; the first one in full:")
+        console.print(failure_text(failed), markup=False, highlight=False, soft_wrap=True)
+        raise typer.Exit(1)
     if not summary["best"]:
         console.print("[yellow]no trial satisfied every constraint[/]; relax the constraints or widen the search")
 

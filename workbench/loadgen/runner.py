@@ -14,6 +14,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from workbench.loadgen.client import make_client, send_request
 from workbench.loadgen.config import ServeBenchConfig
+from workbench.loadgen.lag import lag_cause as default_lag_cause
 from workbench.loadgen.metrics import aggregate, per_turn, windows
 from workbench.loadgen.plan import build_plan, build_requests, server_token_counter, tokenizer_dir
 from workbench.loadgen.server_side import counter_deltas, sample_metrics, scrape
@@ -61,13 +62,20 @@ __all__ = ["ServerUnavailable", "build_requests", "probe_server", "run_serve_ben
 _tokenizer_dir = tokenizer_dir
 
 
-async def arun_serve_benchmark(config: ServeBenchConfig, progress: bool = True) -> BenchResult:
+async def arun_serve_benchmark(config: ServeBenchConfig, progress: bool = True,
+                               lag_cause: str | None = None) -> BenchResult:
+    """lag_cause: why a lagging client lags, as the warning should say (default: judged from the
+    server's address and this machine, loadgen/lag.py)."""
+    cause = lag_cause or default_lag_cause(config)
     server = probe_server(config)
     plan = build_plan(config)
     total = len(plan.requests) or sum(len(s.turns) for s in plan.sessions)
     cap = config.max_concurrency or total
     client = make_client(config, connections=min(cap, 1024))
     if plan.warmup:
+        if progress:
+            console.print(f"{config.label or 'bench serve'}: warming up with {len(plan.warmup)} requests "
+                          "(not measured)")
         await asyncio.gather(*(send_request(client, config, r, -1, time.perf_counter(), None) for r in plan.warmup))
     bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                    TextColumn("{task.fields[status]}"), TimeElapsedColumn(), console=console, disable=not progress,
@@ -92,7 +100,7 @@ async def arun_serve_benchmark(config: ServeBenchConfig, progress: bool = True) 
                 (r.start_time for r in records), default=0.0)
             peak = peak_concurrency(records)
         else:  # one sender, in this event loop
-            sender = Sender(config, client, cap, show)
+            sender = Sender(config, client, cap, show, lag_cause=cause)
             records = await sender.run(start, plan.requests, plan.times, sessions=plan.sessions)
             duration = time.perf_counter() - start
             late, warnings, peak = sender.late, sender.warnings, sender.peak
@@ -101,9 +109,9 @@ async def arun_serve_benchmark(config: ServeBenchConfig, progress: bool = True) 
     await client.close()
     after = await asyncio.to_thread(scrape, config.base_url, config.api_key)
     if late:
-        msg = f"{late} requests left more than {LAG_WARN_S * 1e3:.0f} ms behind their scheduled time"
+        msg = f"{late} requests left more than {LAG_WARN_S * 1e3:.0f} ms behind their scheduled time: {cause}"
         warnings.append(msg)
-        console.print(f"[yellow]warning:[/] {msg}")
+        console.print(f"[yellow]warning:[/] {msg}", soft_wrap=True)
     metrics, errors = aggregate(records, duration, config.goodput, peak)
     metrics |= counter_deltas(before, after)
     settings = config.model_dump(mode="json")
@@ -115,6 +123,6 @@ async def arun_serve_benchmark(config: ServeBenchConfig, progress: bool = True) 
                               "run_id": uuid.uuid4().hex[:12]})
 
 
-def run_serve_benchmark(config: ServeBenchConfig, progress: bool = True) -> BenchResult:
+def run_serve_benchmark(config: ServeBenchConfig, progress: bool = True, lag_cause: str | None = None) -> BenchResult:
     with asyncio.Runner(loop_factory=event_loop_factory()) as runner:
-        return runner.run(arun_serve_benchmark(config, progress))
+        return runner.run(arun_serve_benchmark(config, progress, lag_cause))

@@ -21,13 +21,13 @@ from rich.console import Console
 from workbench.datasets import SampleRequest
 from workbench.loadgen.client import make_client, send_request
 from workbench.loadgen.config import ServeBenchConfig
+from workbench.loadgen.lag import lag_cause as judge_lag_cause
 from workbench.loadgen.server_side import counter_deltas, scrape
 from workbench.loadgen.sessions import Session, history_messages, history_prompt
 from workbench.results import RequestRecord
 
 LAG_WARN_S = 0.05
 FLUSH_S = 0.25  # how often a worker process reports progress
-LAG_CAUSE = "the load generator is near its limit (more --workers help)"
 console = Console(stderr=True)
 
 
@@ -64,7 +64,7 @@ async def wait_for_turn(at: float, start: float, config: ServeBenchConfig) -> tu
     return config.duration is None or time.perf_counter() - start <= config.duration, late
 
 
-async def lag_monitor(stop: asyncio.Event, warnings: list[str], cause: str = LAG_CAUSE) -> None:
+async def lag_monitor(stop: asyncio.Event, warnings: list[str], cause: str) -> None:
     """Warn when the event loop falls behind (the client would then distort the measurement)."""
     last_warn = 0.0
     while not stop.is_set():
@@ -75,7 +75,7 @@ async def lag_monitor(stop: asyncio.Event, warnings: list[str], cause: str = LAG
             last_warn = time.perf_counter()
             msg = f"client event loop lagged {lag * 1e3:.0f} ms: {cause}"
             warnings.append(msg)
-            console.print(f"[yellow]warning:[/] {msg}")
+            console.print(f"[yellow]warning:[/] {msg}", soft_wrap=True)
 
 
 class Sender:
@@ -83,8 +83,10 @@ class Sender:
     called after every request."""
 
     def __init__(self, config: ServeBenchConfig, client, cap: int,
-                 on_progress: Callable[[int, int, int], None] | None = None):
+                 on_progress: Callable[[int, int, int], None] | None = None, lag_cause: str | None = None):
+        """lag_cause: why a lagging client lags, as its warning says (default: loadgen/lag.py's judgement)."""
         self.config, self.client = config, client
+        self.lag_cause = lag_cause or judge_lag_cause(config)
         self.semaphore = asyncio.Semaphore(cap)
         self.on_progress = on_progress
         self.in_flight = self.peak = self.late = 0
@@ -101,7 +103,7 @@ class Sender:
         the `sessions` starting at `times`; the records of what was sent."""
         self.start = start
         stop = asyncio.Event()
-        monitor = asyncio.create_task(lag_monitor(stop, self.warnings))
+        monitor = asyncio.create_task(lag_monitor(stop, self.warnings, self.lag_cause))
         try:
             if sessions:
                 done = await asyncio.gather(*(self.session(s, t) for s, t in zip(sessions, times)))

@@ -148,13 +148,17 @@ def study_names(storage: str | None) -> list[str]:
         return []
     import optuna
 
-    return [s.study_name for s in optuna.get_all_study_summaries(storage)]
+    from workbench.tune.storage import resolve_url
+
+    return [s.study_name for s in optuna.get_all_study_summaries(resolve_url(storage))]
 
 
 def load_study(storage: str, name: str):
     import optuna
 
-    return optuna.load_study(study_name=name, storage=storage)
+    from workbench.tune.storage import resolve_url
+
+    return optuna.load_study(study_name=name, storage=resolve_url(storage))
 
 
 def trials_frame(study) -> pd.DataFrame:

@@ -15,6 +15,11 @@ STUDIES_DIR = Path(__file__).resolve().parents[2] / "studies"
 DEFAULT_STUDY = Path(__file__).with_name("default.toml")
 
 
+# Searched keys whose "off" value the defaults trial runs with (it has no value of its own for them).
+OFF_VALUES = {"num_speculative_tokens": 0}
+SPECULATIVE_FLAGS = ("speculative_model", "speculative_config")
+
+
 class StudyError(ValueError):
     """A study file that cannot be used; the message names the file and the field."""
 
@@ -117,7 +122,15 @@ class StudyFile(BaseModel):
         clash = set(self.search_space) & set(self.server)
         if clash:
             raise ValueError(f"server and search_space both set {sorted(clash)}")
+        if "num_speculative_tokens" in self.search_space and not any(
+                k in self.server or k in self.search_space for k in SPECULATIVE_FLAGS):
+            raise ValueError('search_space.num_speculative_tokens needs server.speculative_model (e.g. "[ngram]" '
+                             "or a draft model); 0 means no speculation")
         return self
+
+    def default_flags(self) -> dict:
+        """The defaults trial's flags: the [server] flags, and searched keys that need a value, off."""
+        return dict(self.server) | {k: v for k, v in OFF_VALUES.items() if k in self.search_space}
 
 
 def find_study(name_or_path: str | None) -> Path:
