@@ -6,14 +6,13 @@ from typing import Any
 
 import torch
 
+from engine.spec_decode.config import SpecConfigError, SpeculativeConfig, build_speculative_config
+
 GiB = 1 << 30
 
 # Options whose capability has not landed yet. They are accepted by name (so vLLM code and
 # command lines parse) and refused with a clear error when set to anything but the default.
 NOT_YET_SUPPORTED = {
-    "speculative_model": (None, "speculative decoding"),
-    "speculative_config": (None, "speculative decoding"),
-    "num_speculative_tokens": (None, "speculative decoding"),
     "tensor_parallel_size": (1, "tensor parallelism"),
     "pipeline_parallel_size": (1, "pipeline parallelism"),
 }
@@ -57,19 +56,24 @@ class EngineConfig:
     max_loras: int = 1
     max_lora_rank: int = 16
     max_cpu_loras: int | None = None
+    # Speculative decoding (engine/spec_decode/): vLLM's dict (or JSON text), or its older flags.
+    speculative_config: dict | str | None = None
+    speculative_model: str | None = None  # "[ngram]" for prompt lookup, else a draft model
+    num_speculative_tokens: int | None = None
+    ngram_prompt_lookup_max: int | None = None
+    ngram_prompt_lookup_min: int | None = None
     # AWQ/GPTQ checkpoints are detected from config.json; when given, this must name the checkpoint's
     # method ("awq", "gptq", or vLLM's aliases "awq_marlin", "gptq_marlin").
     quantization: str | None = None
     # Not yet supported (see NOT_YET_SUPPORTED).
-    speculative_model: str | None = None
-    speculative_config: dict | None = None
-    num_speculative_tokens: int | None = None
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
     # Filled in by resolve() from the checkpoint and the device.
     hf_config: Any = field(default=None, repr=False)
     torch_dtype: torch.dtype | None = field(default=None, repr=False)
     quant_config: Any = field(default=None, repr=False)  # engine/quantization/config.py QuantConfig, or None
+    # Built by __post_init__ from the speculative settings above (None: off).
+    speculative: SpeculativeConfig | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         for name, (default, what) in NOT_YET_SUPPORTED.items():
@@ -92,6 +96,12 @@ class EngineConfig:
         from engine.quantization.config import normalize_option
 
         normalize_option(self.quantization)  # a bad name fails before anything loads
+        try:
+            self.speculative = build_speculative_config(
+                self.speculative_config, self.speculative_model, self.num_speculative_tokens,
+                self.ngram_prompt_lookup_max, self.ngram_prompt_lookup_min)
+        except SpecConfigError as exc:
+            raise ConfigError(str(exc)) from None
         if self.device == "auto":
             self.device = "cuda" if torch.cuda.is_available() else "cpu"
         if self.device == "cuda" and not torch.cuda.is_available():
@@ -109,7 +119,12 @@ class EngineConfig:
 
     @classmethod
     def field_names(cls) -> set[str]:
-        return {f.name for f in fields(cls)} - {"hf_config", "torch_dtype", "quant_config"}
+        return {f.name for f in fields(cls)} - {"hf_config", "torch_dtype", "quant_config", "speculative"}
+
+    @property
+    def num_spec_tokens(self) -> int:
+        """Draft tokens a request may verify per step (0: no speculative decoding)."""
+        return self.speculative.num_speculative_tokens if self.speculative else 0
 
     def resolve(self, hf_config: Any) -> None:
         """Fill in what depends on the checkpoint: dtype, max_model_len, the token budget."""

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.config import GiB, ConfigError, EngineConfig
+from engine.config import ConfigError, EngineConfig, GiB
 from engine.models.llama import head_dim_of
 
 log = logging.getLogger("engine")
@@ -45,7 +45,8 @@ class MemoryProfile:
     def describe(self) -> str:
         g = lambda b: f"{b / GiB:.2f} GiB"  # noqa: E731
         earlier = f"earlier allocations {g(self.earlier)} + " if self.earlier else ""
-        return (f"{g(self.budget)} ({self.utilization:g} of {g(self.total)}) = {earlier}weights {g(self.weights)} + batch "
+        return (f"{g(self.budget)} ({self.utilization:g} of {g(self.total)}) = {earlier}weights {g(self.weights)} "
+                f"+ batch "
                 f"buffers {g(self.batch_buffers)} + activation peak {g(self.activation_peak)} + non-torch "
                 f"{g(self.non_torch)} + CUDA graphs {g(self.cuda_graphs)} + KV cache {g(self.kv_budget)}")
 
@@ -80,7 +81,8 @@ def num_blocks_for(config: EngineConfig, kv_budget: int | None) -> int:
     return num_blocks
 
 
-def allocate_kv_cache(config: EngineConfig, num_blocks: int, device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def allocate_kv_cache(config: EngineConfig, num_blocks: int,
+                      device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
     hf = config.hf_config
     kv_heads = getattr(hf, "num_key_value_heads", None) or hf.num_attention_heads
     shape = (num_blocks, config.block_size, kv_heads, head_dim_of(hf))

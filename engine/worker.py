@@ -31,6 +31,7 @@ from engine.lora.request import LoRARequest
 from engine.model_loader import build_model
 from engine.model_runner import ModelRunner, PendingOutput, graph_batch_sizes
 from engine.scheduler_output import SchedulerOutput
+from engine.spec_decode.build import build_spec_decoder
 from engine.step_timer import StepTimer
 
 log = logging.getLogger("engine")
@@ -56,16 +57,26 @@ class Worker:
         # The adapters' GPU slots are weights too (allocated once, whatever the batch).
         self.lora = LoRAManager(model, LoRASettings(config.max_loras, config.max_lora_rank, config.max_cpu_loras),
                                 config.torch_dtype, self.device) if config.enable_lora else None
+        # Speculative decoding's proposer (a draft model's weights count as weights).
+        spec = build_spec_decoder(config, self.device) if config.speculative is not None else None
         self.weights = allocated() - self.earlier
         self.runner = ModelRunner(config, model, self.device, timer, self.lora)
+        self.runner.spec = spec
         self.batch_buffers = allocated() - self.earlier - self.weights
         self.memory_profile: MemoryProfile | None = None
 
     # ---------------------------------------------------------------- memory and cache
+    @property
+    def draft(self):
+        """The draft-model proposer, whose KV cache shares the budget (None without one)."""
+        spec = self.runner.spec
+        return getattr(spec, "proposer", None) if spec is not None and hasattr(spec.proposer, "kv_caches") else None
+
     def determine_num_blocks(self) -> int:
-        if self.device.type != "cuda":
-            return num_blocks_for(self.config, None)
-        return num_blocks_for(self.config, self._profile().kv_budget)
+        budget = None if self.device.type != "cuda" else self._profile().kv_budget
+        if self.draft is not None:
+            return self.draft.split_kv_budget(self.config, budget)
+        return num_blocks_for(self.config, budget)
 
     @torch.inference_mode()
     def _profile(self) -> MemoryProfile:
@@ -114,6 +125,8 @@ class Worker:
 
     def initialize_cache(self, num_blocks: int) -> None:
         self.runner.bind_cache(allocate_kv_cache(self.config, num_blocks, self.device))
+        if self.draft is not None:
+            self.draft.initialize_cache(num_blocks)
         if self.device.type == "cuda" and not self.config.enforce_eager:
             taken = self.runner.capture_graphs()
             profiled = self.memory_profile.cuda_graphs if self.memory_profile else 0
@@ -131,4 +144,6 @@ class Worker:
         self.lora.remove(lora_int_id)
 
     def shutdown(self) -> None:
+        if self.draft is not None:
+            self.draft.release()
         self.runner.release()

@@ -99,7 +99,7 @@ def test_dummy_weights_and_option_errors(tmp_path):
 
 
 def test_roofline_and_tune_precheck_count_packed_bytes():
-    from workbench.roofline import ModelShape
+    from workbench.bench.roofline import ModelShape
     from workbench.tune.precheck import estimate, model_quantization, model_spec
 
     qdir, ddir = quantized_dir("awq4-g128"), dequantized_dir("awq4-g128")

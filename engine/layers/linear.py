@@ -26,7 +26,8 @@ class UnquantizedMethod:
                              "(a quantized checkpoint without quantization_config in config.json?)")
         start = sum(layer.out_sizes[:shard])
         size = layer.out_sizes[shard]
-        if tensor.shape[0] != size or tensor.dim() != param.dim() or (param.dim() == 2 and tensor.shape[1] != param.shape[1]):
+        if (tensor.shape[0] != size or tensor.dim() != param.dim()
+                or (param.dim() == 2 and tensor.shape[1] != param.shape[1])):
             raise ConfigError(f"checkpoint tensor of shape {tuple(tensor.shape)} does not fit shard {shard} "
                              f"({size} rows) of {param_name} {tuple(param.shape)}")
         param.data[start:start + size].copy_(tensor)

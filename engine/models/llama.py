@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
-from kernels import activation
 from engine.layers.attention import Attention, AttentionMetadata
 from engine.layers.linear import Linear, linear_method
 from engine.layers.norm import RMSNorm
 from engine.layers.rotary import RotaryEmbedding, rope_settings
+from kernels import activation
 
 
 def head_dim_of(config) -> int:
@@ -51,7 +50,8 @@ class MLP(nn.Module):
         bias = getattr(config, "mlp_bias", False)
         self.gate_up_proj = Linear(config.hidden_size, [inter, inter], bias=bias,
                                    method=linear_method(quant, f"{prefix}.gate_up_proj", ("gate_proj", "up_proj")))
-        self.down_proj = Linear(inter, [config.hidden_size], bias=bias, method=linear_method(quant, f"{prefix}.down_proj"))
+        self.down_proj = Linear(inter, [config.hidden_size], bias=bias,
+                                method=linear_method(quant, f"{prefix}.down_proj"))
 
     def forward(self, x: torch.Tensor, lora=None) -> torch.Tensor:
         gate_up = self.gate_up_proj(x, lora)

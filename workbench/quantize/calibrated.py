@@ -20,7 +20,7 @@ GPTQ_STEPS = (("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_pro
 def calibrated_weights(src: Path, spec, calib_text: str | None, log) -> tuple[dict[str, QuantWeights], dict]:
     """(codes by checkpoint weight name, every float tensor of the model afterwards: AWQ changes norms)."""
     from engine.model_loader import load_tokenizer
-    from workbench.bench_quality import load_text
+    from workbench.bench.quality import load_text
 
     text, text_name = load_text(calib_text)
     ids = calibration_ids(load_tokenizer(src), text, spec.seq_len, spec.max_samples)

@@ -13,7 +13,7 @@ from pathlib import Path
 from engine.config import DTYPES, EngineConfig
 from engine.presets import PRESETS, PresetSpec, estimate_params, tensor_shapes
 from engine.server.args import byte_size
-from workbench.roofline import ModelShape
+from workbench.bench.roofline import ModelShape
 
 ENGINE_DEFAULTS = {f.name: f.default for f in fields(EngineConfig) if not callable(f.default)}
 
@@ -96,9 +96,11 @@ def refuse(model: str, flags: dict, device_memory: int | None) -> tuple[str | No
     if kv is not None:
         est["kv_cache_bytes"] = kv
         if kv < one_seq:
-            return f"kv_cache_memory {gib(kv)} holds fewer than max_model_len ({model_len}) tokens ({gib(one_seq)})", est
+            return (f"kv_cache_memory {gib(kv)} holds fewer than max_model_len ({model_len}) tokens "
+                    f"({gib(one_seq)})"), est
         if device_memory is not None and kv + est["weight_bytes"] > device_memory:
-            return f"weights {gib(est['weight_bytes'])} + KV cache {gib(kv)} exceed the device's {gib(device_memory)}", est
+            return (f"weights {gib(est['weight_bytes'])} + KV cache {gib(kv)} exceed the device's "
+                    f"{gib(device_memory)}"), est
         return None, est
     if device_memory is None:
         return None, est
