@@ -3,7 +3,8 @@
 One layout for every weight-only quantized linear (see kernels/quant_gemm.py for the full contract):
 P = 32 // bits values per word, value i of a word in bits [i * bits, (i + 1) * bits) (GPTQ v1 order).
 `qweight` packs along K (the input dimension, rows of W = [K, N]); `qzeros` packs along N.
-The loaders of AWQ and GPTQ checkpoints convert into this; the kernels and the tests read it.
+The one implementation of this packing: the loaders of AWQ and GPTQ checkpoints (engine/quantization/
+formats.py, which adds AutoAWQ's interleaved order in packing.py) convert into it; the kernels read it.
 """
 from __future__ import annotations
 

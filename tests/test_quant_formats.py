@@ -14,13 +14,8 @@ from engine.quantization.config import (
     resolve,
 )
 from engine.quantization.matmul import dequantize, quant_matmul
-from engine.quantization.packing import (
-    AWQ_ORDER,
-    pack_cols,
-    pack_rows,
-    unpack_cols,
-    unpack_rows,
-)
+from engine.quantization.packing import pack_awq, unpack_awq
+from kernels.quant_pack import pack_along_k, pack_along_n, unpack_along_k
 
 
 def as_int32(word: int) -> int:
@@ -30,24 +25,27 @@ def as_int32(word: int) -> int:
 # ---------------------------------------------------------------- hand-worked words
 def test_gptq_qweight_packs_along_k_low_nibble_first():
     codes = torch.tensor([[1], [2], [3], [4], [5], [6], [7], [8]], dtype=torch.int32)  # k = 0..7, one column
-    word = pack_rows(codes, 4)
+    word = pack_along_k(codes, 4)
     assert word.tolist() == [[as_int32(0x87654321)]]
-    assert torch.equal(unpack_rows(word, 4), codes)
+    assert torch.equal(unpack_along_k(word, 4), codes)
 
 
 def test_8bit_packs_four_codes_a_word():
     codes = torch.tensor([[1], [2], [3], [255]], dtype=torch.int32)
-    assert pack_rows(codes, 8).tolist() == [[as_int32(0xFF030201)]]
-    assert pack_cols(codes.t(), 8).tolist() == [[as_int32(0xFF030201)]]
+    assert pack_along_k(codes, 8).tolist() == [[as_int32(0xFF030201)]]
+    assert pack_along_n(codes.t(), 8).tolist() == [[as_int32(0xFF030201)]]
 
 
 def test_awq_interleaves_the_eight_columns():
     # Column c holds code c: AutoAWQ puts column AWQ_ORDER[i] in nibble i -> nibbles 0,2,4,6,1,3,5,7.
     codes = torch.arange(8, dtype=torch.int32).view(1, 8)
-    word = pack_cols(codes, 4, AWQ_ORDER)
+    word = pack_awq(codes)
     assert word.tolist() == [[0x75316420]]
-    assert pack_cols(codes, 4).tolist() == [[as_int32(0x76543210)]]  # GPTQ's plain order, for contrast
-    assert torch.equal(unpack_cols(word, 4, AWQ_ORDER), codes)
+    assert pack_along_n(codes, 4).tolist() == [[as_int32(0x76543210)]]  # GPTQ's plain order, for contrast
+    assert torch.equal(unpack_awq(word), codes)
+    wide = torch.arange(16, dtype=torch.int32).view(1, 16) % 16  # two words: the order repeats per run of 8
+    assert torch.equal(unpack_awq(pack_awq(wide)), wide)
+    assert pack_awq(wide)[0, 1].item() == as_int32(0xFDB9ECA8)
 
 
 def test_gptq_zeros_are_stored_minus_one():
@@ -60,10 +58,10 @@ def test_gptq_zeros_are_stored_minus_one():
 
 
 def test_codes_out_of_range_are_refused():
-    with pytest.raises(ValueError, match="codes must lie in"):
-        pack_rows(torch.tensor([[16]] * 8, dtype=torch.int32), 4)
-    with pytest.raises(ValueError, match="3 bits"):
-        pack_rows(torch.zeros(8, 1, dtype=torch.int32), 3)
+    with pytest.raises(ValueError, match="values outside"):
+        pack_along_k(torch.tensor([[16]] * 8, dtype=torch.int32), 4)
+    with pytest.raises(ValueError, match="bits=3"):
+        pack_along_k(torch.zeros(8, 1, dtype=torch.int32), 3)
 
 
 # ---------------------------------------------------------------- round trips

@@ -6,7 +6,7 @@ with q and z unsigned `bits`-bit codes and s the scales [G, N], G = ceil(K / gro
 
 On disk:
 - AWQ GEMM (casper-hansen/AutoAWQ awq/modules/linear/gemm.py `WQLinear_GEMM`): qweight int32 [K, N/8]
-  and qzeros int32 [G, N/8], both packed along N in AutoAWQ's interleaved order (packing.AWQ_ORDER),
+  and qzeros int32 [G, N/8], both packed along N in AutoAWQ's interleaved order (packing.py),
   zeros stored as they are; scales fp16 [G, N]. AutoAWQ asserts K % group_size == 0; we also read and
   write a shorter last group (shapes ceil(K / group_size), as GPTQ's), which AutoAWQ and vLLM refuse.
 - GPTQ v1 (ModelCloud/GPTQModel gptqmodel/nn_modules/qlinear/qlinear_cuda_old.py `pack`; vLLM
@@ -28,13 +28,8 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.quantization.packing import (
-    AWQ_ORDER,
-    pack_cols,
-    pack_rows,
-    unpack_cols,
-    unpack_rows,
-)
+from engine.quantization.packing import pack_awq, unpack_awq
+from kernels.quant_pack import pack_along_k, pack_along_n, unpack_along_k, unpack_along_n
 
 
 @dataclass
@@ -70,22 +65,22 @@ def trivial_g_idx(in_features: int, group_size: int, device=None) -> torch.Tenso
 def to_awq(w: QuantWeights) -> dict[str, torch.Tensor]:
     if w.bits != 4 or w.g_idx is not None:
         raise ValueError("AWQ GEMM holds 4-bit codes in natural group order (no g_idx)")
-    return {"qweight": pack_cols(w.q, 4, AWQ_ORDER), "qzeros": pack_cols(w.zeros, 4, AWQ_ORDER),
+    return {"qweight": pack_awq(w.q), "qzeros": pack_awq(w.zeros),
             "scales": w.scales.to(torch.float16)}
 
 
 def from_awq(t: dict[str, torch.Tensor], group_size: int) -> QuantWeights:
-    q = unpack_cols(t["qweight"], 4, AWQ_ORDER)
-    return QuantWeights(q, unpack_cols(t["qzeros"], 4, AWQ_ORDER), t["scales"], 4,
+    q = unpack_awq(t["qweight"])
+    return QuantWeights(q, unpack_awq(t["qzeros"]), t["scales"], 4,
                         group_size if group_size != -1 else q.shape[0])
 
 
 def awq_qweight_to_internal(qweight: torch.Tensor) -> torch.Tensor:
-    return pack_rows(unpack_cols(qweight, 4, AWQ_ORDER), 4)
+    return pack_along_k(unpack_awq(qweight), 4)
 
 
 def awq_qzeros_to_internal(qzeros: torch.Tensor) -> torch.Tensor:
-    return pack_cols(unpack_cols(qzeros, 4, AWQ_ORDER), 4)
+    return pack_along_n(unpack_awq(qzeros), 4)
 
 
 # ---------------------------------------------------------------- GPTQ v1
@@ -95,12 +90,12 @@ def to_gptq(w: QuantWeights) -> dict[str, torch.Tensor]:
         raise ValueError("a GPTQ v1 zero point of 0 is ambiguous on disk (stored as all ones); quantize with "
                          "zeros in [1, 2**bits - 1]")
     g_idx = w.g_idx if w.g_idx is not None else trivial_g_idx(w.q.shape[0], w.group_size, w.q.device)
-    return {"qweight": pack_rows(w.q, w.bits), "qzeros": pack_cols((w.zeros - 1) & mask, w.bits),
+    return {"qweight": pack_along_k(w.q, w.bits), "qzeros": pack_along_n((w.zeros - 1) & mask, w.bits),
             "scales": w.scales.to(torch.float16), "g_idx": g_idx.to(torch.int32)}
 
 
 def from_gptq(t: dict[str, torch.Tensor], bits: int, group_size: int) -> QuantWeights:
-    q = unpack_rows(t["qweight"], bits)
+    q = unpack_along_k(t["qweight"], bits)
     g_idx = t.get("g_idx")
     size = group_size if group_size != -1 else q.shape[0]
     if g_idx is not None and torch.equal(g_idx.to(torch.int32), trivial_g_idx(q.shape[0], size, g_idx.device)):
@@ -109,20 +104,20 @@ def from_gptq(t: dict[str, torch.Tensor], bits: int, group_size: int) -> QuantWe
 
 
 def gptq_zeros(qzeros: torch.Tensor, bits: int) -> torch.Tensor:
-    return (unpack_cols(qzeros, bits) + 1) & (2 ** bits - 1)
+    return (unpack_along_n(qzeros, bits) + 1) & (2 ** bits - 1)
 
 
 def gptq_qzeros_to_internal(qzeros: torch.Tensor, bits: int) -> torch.Tensor:
-    return pack_cols(gptq_zeros(qzeros, bits), bits)
+    return pack_along_n(gptq_zeros(qzeros, bits), bits)
 
 
 # ---------------------------------------------------------------- internal
 def to_internal(w: QuantWeights) -> dict[str, torch.Tensor]:
-    out = {"qweight": pack_rows(w.q, w.bits), "qzeros": pack_cols(w.zeros, w.bits), "scales": w.scales}
+    out = {"qweight": pack_along_k(w.q, w.bits), "qzeros": pack_along_n(w.zeros, w.bits), "scales": w.scales}
     if w.g_idx is not None:
         out["g_idx"] = w.g_idx.to(torch.int32)
     return out
 
 
 def from_internal(qweight, qzeros, scales, bits: int, group_size: int, g_idx=None) -> QuantWeights:
-    return QuantWeights(unpack_rows(qweight, bits), unpack_cols(qzeros, bits), scales, bits, group_size, g_idx)
+    return QuantWeights(unpack_along_k(qweight, bits), unpack_along_n(qzeros, bits), scales, bits, group_size, g_idx)

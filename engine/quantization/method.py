@@ -16,7 +16,7 @@ from engine.config import ConfigError
 from engine.quantization import formats
 from engine.quantization.config import QuantConfig
 from engine.quantization.matmul import quant_matmul
-from engine.quantization.packing import fields_per_word
+from kernels.quant_pack import pack_along_k, pack_along_n, values_per_word
 
 
 class QuantizedLinearMethod:
@@ -26,7 +26,7 @@ class QuantizedLinearMethod:
 
     # ---------------------------------------------------------------- weights
     def create_weights(self, layer: nn.Module, in_features: int, out_features: int, bias: bool) -> None:
-        cfg, p = self.config, fields_per_word(self.config.bits)
+        cfg, p = self.config, values_per_word(self.config.bits)
         name = self.layer_name or "a layer"
         if in_features % p:
             raise ConfigError(f"{name}: in_features {in_features} is not a multiple of {p}, as {cfg.bits}-bit "
@@ -58,7 +58,7 @@ class QuantizedLinearMethod:
     def load_shard(self, layer: nn.Module, param_name: str, shard: int, tensor: torch.Tensor) -> None:
         """One checkpoint tensor (`param_name` as the format names it) into its shard's slice."""
         start, size = sum(layer.out_sizes[:shard]), layer.out_sizes[shard]
-        p = fields_per_word(self.config.bits)
+        p = values_per_word(self.config.bits)
         if param_name == "bias":
             self._copy(layer.bias, tensor, (start, size), param_name)
         elif param_name == "qweight":
@@ -130,8 +130,8 @@ class QuantizedLinearMethod:
         dev = layer.qweight.device
         q = torch.randint(0, 2 ** bits, (k, n), generator=generator, device=dev, dtype=torch.int32)
         z = torch.full((layer.scales.shape[0], n), 2 ** (bits - 1), dtype=torch.int32, device=dev)
-        layer.qweight.data.copy_(formats.pack_rows(q, bits))
-        layer.qzeros.data.copy_(formats.pack_cols(z, bits))
+        layer.qweight.data.copy_(pack_along_k(q, bits))
+        layer.qzeros.data.copy_(pack_along_n(z, bits))
         layer.scales.data.fill_(0.02 / (2 ** bits / 12 ** 0.5))  # uniform codes: std 2**bits / sqrt(12)
         if layer.g_idx is not None:
             layer.g_idx.data.copy_(formats.trivial_g_idx(k, self.group_size, dev))
