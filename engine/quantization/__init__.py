@@ -1,5 +1,6 @@
-"""AWQ and GPTQ checkpoints: their config (config.py), their tensors (formats.py; packing.py: AutoAWQ's nibble order over kernels/quant_pack.py), the
-quantized linear method (method.py) and the one quantized matmul call (matmul.py)."""
+"""AWQ and GPTQ checkpoints: their config (config.py), their tensors (formats.py; packing.py: AutoAWQ's
+nibble order over kernels/quant_pack.py), the quantized linear method (method.py) and the one
+quantized matmul call (matmul.py)."""
 from engine.quantization.config import (
     QuantConfig,
     from_hf_config,
