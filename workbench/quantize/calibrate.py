@@ -46,9 +46,14 @@ class LayerRunner:
         out = self.layers[i](self.hidden, attention_mask=None, position_embeddings=self.position_embeddings)
         return out[0] if isinstance(out, tuple) else out
 
+    def attention(self, i: int):
+        """Layer i's attention block as a function of its (normed) input [batch, seq, hidden]."""
+        attn = self.layers[i].self_attn
+        return lambda x: attn(hidden_states=x, position_embeddings=self.position_embeddings, attention_mask=None)[0]
+
     @torch.no_grad()
     def inputs(self, i: int, names: list[str]) -> dict[str, torch.Tensor]:
-        """What each named projection of layer i receives, [tokens, in_features]."""
+        """What each named projection of layer i receives, [batch, seq, in_features] in float32."""
         seen = {}
         with _capture(self.projections(i), names, seen):
             self.run(i)
@@ -63,7 +68,7 @@ class LayerRunner:
 def _capture(modules: dict[str, nn.Module], names: list[str], seen: dict):
     def hook(name):
         def record(_module, args):
-            seen[name] = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+            seen[name] = args[0].detach().float()
         return record
 
     handles = [modules[n].register_forward_pre_hook(hook(n)) for n in names]

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from engine.quantization.formats import QuantWeights
-from workbench.quantize.awq import scale_layer
+from workbench.quantize.awq import NO_CLIP, clip_layer, scale_layer
 from workbench.quantize.calibrate import PROJECTIONS, LayerRunner, calibration_ids
 from workbench.quantize.gptq import gptq, hessian, one_thread
 from workbench.quantize.rtn import grid_for, rtn
@@ -51,8 +51,8 @@ def _effective(group_size: int, k: int) -> int:
 
 @torch.no_grad()
 def _awq_layer(runner: LayerRunner, i: int, proj: dict, grid, group_size: int) -> dict[str, QuantWeights]:
-    inputs = runner.inputs(i, list(proj))
-    scale_layer(runner.layers[i], proj, inputs, grid, group_size)
+    scale_layer(runner.layers[i], proj, runner.inputs(i, list(proj)), runner.attention(i), grid, group_size)
+    clip_layer(proj, runner.inputs(i, [n for n in proj if n not in NO_CLIP]), grid, group_size)  # after the scales
     out = {}
     for name, lin in proj.items():
         out[name] = rtn(lin.weight.float().t(), grid, _effective(group_size, lin.in_features))

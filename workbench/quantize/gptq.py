@@ -20,8 +20,8 @@ BLOCK = 128
 
 
 def hessian(x: torch.Tensor) -> torch.Tensor:
-    """2 X^T X / T for inputs x [T, K], in float64 for a stable factorisation."""
-    x = x.double()
+    """2 X^T X / T for inputs x [..., K] (T tokens), in float64 for a stable factorisation."""
+    x = x.reshape(-1, x.shape[-1]).double()
     return 2.0 * x.t() @ x / x.shape[0]
 
 
