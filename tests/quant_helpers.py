@@ -16,10 +16,11 @@ from engine.quantization.config import from_hf_config
 from tests.engine_helpers import model_dir
 from workbench.quantize.writer import QuantizeSpec, quantize_model
 
-# name -> spec; calibrated GPTQ on a small slice of the built-in text, to stay fast.
+# name -> spec; calibrated AWQ and GPTQ on a small slice of the built-in text, to stay fast.
 SPECS = {
     "awq4-g128": QuantizeSpec("awq", 4, 128, calibrate=False),
     "awq4-g32": QuantizeSpec("awq", 4, 32, calibrate=False),
+    "awq4-g32-cal": QuantizeSpec("awq", 4, 32, seq_len=64, max_samples=4),
     "gptq4-g32-act": QuantizeSpec("gptq", 4, 32, desc_act=True, sym=False, seq_len=64, max_samples=4),
     "gptq8-sym": QuantizeSpec("gptq", 8, 128, sym=True, calibrate=False),
 }

@@ -61,7 +61,7 @@ def test_checkpoint_reads_back_bit_for_bit(name):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["awq4-g32", "gptq4-g32-act", "gptq8-sym"])  # awq4-g128: the test below
+@pytest.mark.parametrize("name", ["awq4-g32", "awq4-g32-cal", "gptq4-g32-act", "gptq8-sym"])  # awq4-g128: below
 def test_greedy_equals_dequantized_float32(name):
     assert greedy(str(quantized_dir(name))) == greedy(str(dequantized_dir(name)))
 
