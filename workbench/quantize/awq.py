@@ -28,7 +28,7 @@ from torch import nn
 from workbench.quantize.rtn import Grid, fake_quantize
 
 N_GRID = 20
-LOSS_TOKENS = 1024  # the MLP's and linears' losses on an even subset of the tokens (attention's need whole sequences)
+LOSS_TOKENS = 1024  # the losses on about this many tokens (whole sequences for attention), for CPU time
 CLIP_GRID, CLIP_MAX_SHRINK, CLIP_TOKENS = 20, 0.5, 512  # AutoAWQ's `_compute_best_clip` defaults
 NO_CLIP = ("q_proj", "k_proj")
 
@@ -93,13 +93,16 @@ def fold_scale(prev: nn.Module, linears: list[nn.Linear], s: torch.Tensor) -> No
 
 def scale_layer(layer, proj: dict[str, nn.Linear], inputs: dict[str, torch.Tensor], attention: Callable,
                 grid: Grid, group_size: int) -> None:
-    """Search and fold every scale group of one decoder layer. `inputs` [batch, seq, K] are captured
+    """Search and fold every scale group of one decoder layer (the scales' mean|x| on all the tokens,
+    the losses on a subset). `inputs` [batch, seq, K] are captured
     before any folding, and each search sees the float weights of the groups not yet searched: folding
     leaves every block's float output unchanged (the earlier groups' scales are folded, not quantized)."""
     for prev, names, block in scale_groups(layer, proj, attention):
         k = proj[names[0]].in_features
-        x = inputs[names[0]]
-        if block is not attention:  # token-wise blocks: a subset of the tokens
+        x = inputs[names[0]]  # [batch, seq, K]
+        if block is attention:  # whole sequences, about LOSS_TOKENS tokens of them
+            x = x[:max(1, LOSS_TOKENS // x.shape[1])]
+        else:  # token-wise blocks: an even subset of the tokens
             x = x.reshape(-1, k)[::max(1, x.numel() // k // LOSS_TOKENS)]
         s = search_scale(x, [proj[n] for n in names], block, grid, k if group_size == -1 else group_size)
         fold_scale(prev, [proj[n] for n in names], s)

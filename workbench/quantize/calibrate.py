@@ -33,8 +33,8 @@ class LayerRunner:
                                                           attn_implementation="sdpa").eval()
         inner = self.model.model
         self.hidden = inner.embed_tokens(ids)
-        positions = torch.arange(ids.shape[1]).unsqueeze(0).expand(ids.shape[0], -1)
-        self.position_embeddings = inner.rotary_emb(self.hidden, positions)
+        # One row of positions: the rotary tables broadcast over any number of windows (AWQ's losses use a few).
+        self.position_embeddings = inner.rotary_emb(self.hidden, torch.arange(ids.shape[1]).unsqueeze(0))
         self.layers = inner.layers
 
     def projections(self, i: int) -> dict[str, nn.Linear]:
