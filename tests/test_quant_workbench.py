@@ -41,6 +41,8 @@ def test_models_quantize_writes_the_format(tmp_path):
     (["--method", "awq", "--desc-act"], "AWQ has no g_idx"),
     (["--method", "awq", "--no-sym"], "AWQ always stores zero points"),
     (["--method", "exl2"], "--method must be awq or gptq"),
+    (["--method", "gptq", "--damp", "0"], "--damp must be in (0, 1]"),
+    (["--method", "awq", "--damp", "0.1"], "AWQ has no Hessian"),
 ])
 def test_models_quantize_refuses_bad_options(tmp_path, args, message):
     r = invoke("models", "quantize", "tiny", *args, "--out", str(tmp_path / "x"))

@@ -109,13 +109,16 @@ def quantize(model: str = typer.Argument(..., help="Preset name (e.g. tiny, smol
                                              "built-in text)."),
              seq_len: int = typer.Option(512, "--seq-len", help="Tokens per calibration window."),
              max_samples: int = typer.Option(128, "--max-samples", help="Calibration windows at most."),
+             damp: float = typer.Option(None, "--damp", help="GPTQ: dampening added to the Hessian's diagonal, a "
+                                        "fraction of its mean (default 0.01, the reference's damp_percent); "
+                                        "larger regularises a short calibration text."),
              force: bool = typer.Option(False, help="Overwrite a non-empty --out.")) -> None:
     """Write an AWQ or GPTQ checkpoint (safetensors + config.json quantization_config) of a dense model."""
     from engine.presets import resolve_model
     from workbench.quantize.writer import QuantizeSpec, quantize_model
 
     spec = QuantizeSpec(method, bits, group_size, desc_act, sym if method == "gptq" else True, not rtn, seq_len,
-                        max_samples)
+                        max_samples, *([] if damp is None else [damp]))
     if method == "awq" and not sym:
         fail("--no-sym is GPTQ's; AWQ always stores zero points", 2)
     try:

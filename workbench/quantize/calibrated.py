@@ -67,6 +67,7 @@ def _gptq_layer(runner: LayerRunner, i: int, proj: dict, grid, spec) -> dict[str
         h = hessian(runner.inputs(i, [step[0]])[step[0]])
         for name in step:
             lin = proj[name]
-            out[name] = gptq(lin.weight, h, grid, _effective(spec.group_size, lin.in_features), spec.desc_act)
+            out[name] = gptq(lin.weight, h, grid, _effective(spec.group_size, lin.in_features), spec.desc_act,
+                             spec.damp)
             lin.weight.copy_(out[name].dequantize().t())
     return out

@@ -15,7 +15,7 @@ import torch
 from engine.quantization.formats import QuantWeights, num_groups
 from workbench.quantize.rtn import Grid
 
-DAMP = 0.01
+DAMP = 0.01  # the reference's damp_percent; --damp raises it where the calibration text is short
 BLOCK = 128
 
 
@@ -25,8 +25,8 @@ def hessian(x: torch.Tensor) -> torch.Tensor:
     return 2.0 * x.t() @ x / x.shape[0]
 
 
-def _inverse_cholesky(h: torch.Tensor) -> torch.Tensor:
-    damp = DAMP * torch.mean(torch.diag(h))
+def _inverse_cholesky(h: torch.Tensor, damp_percent: float) -> torch.Tensor:
+    damp = damp_percent * torch.mean(torch.diag(h))
     h = h + damp * torch.eye(h.shape[0], dtype=h.dtype)
     return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
 
@@ -44,13 +44,16 @@ def one_thread():
 
 
 @torch.no_grad()
-def gptq(weight: torch.Tensor, h: torch.Tensor, grid: Grid, group_size: int, act_order: bool) -> QuantWeights:
-    """weight [N, K] (a Hugging Face linear's), h [K, K] -> the codes of W^T [K, N]."""
+def gptq(weight: torch.Tensor, h: torch.Tensor, grid: Grid, group_size: int, act_order: bool,
+         damp: float = DAMP) -> QuantWeights:
+    """weight [N, K] (a Hugging Face linear's), h [K, K] -> the codes of W^T [K, N]; `damp` times the mean
+    of diag(H) is added to H's diagonal."""
     with one_thread():
-        return _gptq(weight, h, grid, group_size, act_order)
+        return _gptq(weight, h, grid, group_size, act_order, damp)
 
 
-def _gptq(weight: torch.Tensor, h: torch.Tensor, grid: Grid, group_size: int, act_order: bool) -> QuantWeights:
+def _gptq(weight: torch.Tensor, h: torch.Tensor, grid: Grid, group_size: int, act_order: bool,
+          damp: float) -> QuantWeights:
     w = weight.double().clone()
     n, k = w.shape
     h = h.clone()
@@ -59,7 +62,7 @@ def _gptq(weight: torch.Tensor, h: torch.Tensor, grid: Grid, group_size: int, ac
     w[:, dead] = 0
     perm = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(k)
     w, h = w[:, perm], h[perm][:, perm]
-    hinv = _inverse_cholesky(h)
+    hinv = _inverse_cholesky(h, damp)
     groups = num_groups(k, group_size)
     codes = torch.zeros(n, k, dtype=torch.int32)
     scales = torch.zeros(groups, n, dtype=torch.float32)

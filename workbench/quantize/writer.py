@@ -15,6 +15,7 @@ from safetensors.torch import save_file
 
 from engine.model_loader import checkpoint_files
 from engine.quantization.formats import QuantWeights, to_awq, to_gptq
+from workbench.quantize.gptq import DAMP
 from workbench.quantize.rtn import grid_for, rtn
 
 LINEAR = re.compile(r"^model\.layers\.(\d+)\.(self_attn|mlp)\.(q|k|v|o|gate|up|down)_proj\.weight$")
@@ -32,6 +33,7 @@ class QuantizeSpec:
     calibrate: bool = True  # False: round to nearest
     seq_len: int = 512
     max_samples: int = 128
+    damp: float = DAMP  # GPTQ only: dampening, a fraction of the mean diagonal of the Hessian
 
     def check(self) -> None:
         if self.method not in ("awq", "gptq"):
@@ -44,6 +46,10 @@ class QuantizeSpec:
             raise ValueError("--desc-act is GPTQ's act-order; AWQ has no g_idx")
         if self.desc_act and not self.calibrate:
             raise ValueError("--desc-act orders columns by the Hessian: it needs calibration (drop --rtn)")
+        if not 0 < self.damp <= 1:
+            raise ValueError(f"--damp must be in (0, 1], got {self.damp}")
+        if self.method == "awq" and self.damp != DAMP:
+            raise ValueError("--damp is GPTQ's Hessian dampening; AWQ has no Hessian")
         if self.group_size != -1 and self.group_size < 1:
             raise ValueError(f"--group-size must be -1 or positive, got {self.group_size}")
 
@@ -52,7 +58,7 @@ class QuantizeSpec:
             return {"quant_method": "awq", "bits": 4, "group_size": self.group_size, "zero_point": True,
                     "version": "gemm", "modules_to_not_convert": None}
         return {"quant_method": "gptq", "bits": self.bits, "group_size": self.group_size,
-                "desc_act": self.desc_act, "sym": self.sym, "damp_percent": 0.01, "true_sequential": True,
+                "desc_act": self.desc_act, "sym": self.sym, "damp_percent": self.damp, "true_sequential": True,
                 "static_groups": False, "lm_head": False, "checkpoint_format": "gptq",
                 "meta": {"quantizer": ["pagedbench"], "calibrated": self.calibrate}}
 
