@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 from tests.engine_helpers import model_dir
 from tests.quant_helpers import quantized_dir
 from tests.server_process import ServerProcess
+from workbench.bench.quality import BUILTIN_TEXT
 from workbench.cli import app
 from workbench.results import BenchResult
 
@@ -47,6 +48,14 @@ def test_models_quantize_writes_the_format(tmp_path):
 def test_models_quantize_refuses_bad_options(tmp_path, args, message):
     r = invoke("models", "quantize", "tiny", *args, "--out", str(tmp_path / "x"))
     assert r.exit_code == 2 and message in r.output and len(r.output.strip().splitlines()) == 1, r.output
+
+
+def test_calibration_and_heldout_texts_split_the_builtin_corpus():
+    """The quality figures calibrate on one part of the built-in text and score the other (README)."""
+    calibration, heldout = (BUILTIN_TEXT.with_name(f"corpus-{part}.txt").read_text(encoding="utf-8")
+                            for part in ("calibration", "heldout"))
+    assert calibration + "\n" + heldout == BUILTIN_TEXT.read_text(encoding="utf-8")
+    assert calibration.startswith("The Declaration of Independence") and heldout.startswith("The Gettysburg Address")
 
 
 def test_bench_latency_and_throughput_with_quantization(tmp_path):
