@@ -105,8 +105,9 @@ def quantize(model: str = typer.Argument(..., help="Preset name (e.g. tiny, smol
                                       "AWQ is always asymmetric."),
              rtn: bool = typer.Option(False, "--rtn", help="Round to nearest instead of the calibrated algorithm "
                                       "(AWQ's scale search, GPTQ's Hessian updates)."),
-             calib_text: Path = typer.Option(None, "--calib-text", help="Calibration text (default: bench quality's "
-                                             "built-in text)."),
+             calib_text: Path = typer.Option(None, "--calib-text", help="Calibration text (default: the first "
+                                             "part of bench quality's built-in text, workbench/data/"
+                                             "corpus-calibration.txt)."),
              seq_len: int = typer.Option(512, "--seq-len", help="Tokens per calibration window."),
              max_samples: int = typer.Option(128, "--max-samples", help="Calibration windows at most."),
              damp: float = typer.Option(None, "--damp", help="GPTQ: dampening added to the Hessian's diagonal, a "

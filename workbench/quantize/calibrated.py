@@ -20,9 +20,10 @@ GPTQ_STEPS = (("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_pro
 def calibrated_weights(src: Path, spec, calib_text: str | None, log) -> tuple[dict[str, QuantWeights], dict]:
     """(codes by checkpoint weight name, every float tensor of the model afterwards: AWQ changes norms)."""
     from engine.model_loader import load_tokenizer
-    from workbench.bench.quality import load_text
+    from workbench.bench.quality import BUILTIN_TEXT, load_text
 
-    text, text_name = load_text(calib_text)
+    # Default: the built-in text's first document only, so that its other part stays held out for scoring.
+    text, text_name = load_text(calib_text or str(BUILTIN_TEXT.with_name("corpus-calibration.txt")))
     ids = calibration_ids(load_tokenizer(src), text, spec.seq_len, spec.max_samples)
     log(f"calibrating on {ids.numel():,} tokens of {text_name} ({ids.shape[0]} windows of {ids.shape[1]})")
     runner = LayerRunner(src, ids)
