@@ -1,6 +1,8 @@
 """EngineConfig: every engine setting, built once from Python or CLI arguments and passed down explicitly."""
 from __future__ import annotations
 
+import functools
+import logging
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -52,6 +54,9 @@ class EngineConfig:
     max_seq_len_to_capture: int = 8192
     max_logprobs: int = 20
     disable_log_stats: bool = True
+    # vLLM's switch for a checkpoint's own Python code. Accepted so vLLM code runs; it changes nothing
+    # here (every architecture is built in) and says so once in the log.
+    trust_remote_code: bool = False
     # LoRA adapters (vLLM's names): GPU slots (distinct adapters in one step), the largest rank, and
     # the adapters kept read in CPU memory (default: max_loras).
     enable_lora: bool = False
@@ -87,6 +92,8 @@ class EngineConfig:
         if self.device not in ("auto", "cuda", "cpu"):
             raise ConfigError(f"device must be auto, cuda or cpu; got {self.device!r}")
         self._check_lora()
+        if self.trust_remote_code:
+            _note_no_remote_code()
         if self.device == "auto":
             self.device = "cuda" if torch.cuda.is_available() else "cpu"
         if self.device == "cuda" and not torch.cuda.is_available():
@@ -133,6 +140,13 @@ class EngineConfig:
     @property
     def name(self) -> str:
         return self.served_model_name or self.model
+
+
+@functools.cache  # once per process, however many configs are built
+def _note_no_remote_code() -> None:
+    logging.getLogger("engine").warning(
+        "trust_remote_code=True has no effect: this engine builds its supported architectures itself and never "
+        "runs a checkpoint's own code")
 
 
 def _pick_dtype(dtype: str, hf_config: Any, device: str) -> torch.dtype:

@@ -4,11 +4,15 @@ from __future__ import annotations
 import logging
 import sys
 
-from engine.server.args import build_parser, engine_config
+from engine.server.args import ArgsError, engine_config, parse_server_args
 
 
 def main(argv: list[str] | None = None, prog: str = "python -m engine.server") -> int:
-    args = build_parser(prog).parse_args(argv)
+    try:
+        args = parse_server_args(argv, prog)
+    except ArgsError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 2
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # Heavy imports after argument parsing, so that --help and flag errors are instant.
     from engine.config import ConfigError
@@ -22,7 +26,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m engine.server") -
             raise ConfigError("--lora-modules needs --enable-lora")
         settings = ApiSettings(model_name=config.served_model_name or args.model, api_key=args.api_key,
                                max_n=args.max_n or config.max_num_seqs, max_waiting_requests=args.max_waiting_requests,
-                               log_level=args.log_level, access_log=args.log_level == "debug",
+                               log_level=args.log_level, access_log=not args.disable_uvicorn_access_log,
+                               log_requests=args.log_requests, max_log_len=args.max_log_len,
                                multiprocess_metrics=args.api_server_count > 1,
                                allow_runtime_lora=runtime_updates_allowed())
         return serve(config, settings, args.host, args.port, args.api_server_count, args.lora_modules or [])

@@ -7,6 +7,7 @@ import os
 import re
 
 from engine.config import EngineConfig
+from engine.server.vllm_flags import ENGINE, SERVER, add_unsupported
 
 _UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "kib": 1024, "m": 1e6, "mb": 1e6, "mib": 1 << 20, "g": 1e9,
           "gb": 1e9, "gib": 1 << 30}
@@ -23,7 +24,10 @@ def byte_size(text: str) -> int:
 def build_parser(prog: str = "workbench serve") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description="OpenAI-compatible server over the PagedBench engine "
                                 "(vLLM's flags and meanings).")
-    p.add_argument("model", help="model directory (Hugging Face format) or a preset name, e.g. tiny")
+    model_help = ("model directory (Hugging Face format), a preset name such as tiny, or a Hugging Face id "
+                  "(from the local Hugging Face cache; with --load-format dummy, the preset of its shape)")
+    p.add_argument("model", nargs="?", default=None, metavar="MODEL", help=model_help)
+    p.add_argument("--model", dest="model_flag", default=None, metavar="MODEL", help="the same, as vLLM's flag")
     s = p.add_argument_group("server")
     s.add_argument("--host", default="0.0.0.0")
     s.add_argument("--port", type=int, default=8000)
@@ -36,11 +40,39 @@ def build_parser(prog: str = "workbench serve") -> argparse.ArgumentParser:
     s.add_argument("--max-waiting-requests", type=_non_negative_int, default=0,
                    help="answer 429 while this many requests wait for their first token (0 = unlimited)")
     s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    s.add_argument("--disable-log-stats", action="store_true",
+                   help="no periodic engine stats line (every VLLM_LOG_STATS_INTERVAL s, default 10, while busy)")
+    s.add_argument("--disable-log-requests", dest="log_requests", action="store_false", default=True,
+                   help="no 'Received request' / 'Finished request' log lines")
+    s.add_argument("--enable-log-requests", dest="log_requests", action="store_true", default=True,
+                   help="log each request (the default; vLLM's newer spelling)")
+    s.add_argument("--max-log-len", type=_non_negative_int, default=None,
+                   help="characters of each prompt shown in the request log (default: all)")
+    s.add_argument("--disable-uvicorn-access-log", action="store_true", help="no HTTP access log lines")
     s.add_argument("--lora-modules", nargs="+", type=lora_module, default=None, metavar="NAME=PATH",
                    help='LoRA adapters served by name: NAME=PATH or JSON {"name": ..., "path": ..., '
                         '"base_model_name": ...}; needs --enable-lora')
     add_engine_args(p)
+    add_unsupported(p, SERVER)
     return p
+
+
+class ArgsError(ValueError):
+    """A command line that parsed but cannot be used; the message is one line."""
+
+
+def parse_server_args(argv: list[str] | None, prog: str = "workbench serve") -> argparse.Namespace:
+    """The server's flags, with MODEL taken from the positional argument or --model (vLLM accepts both)."""
+    args = build_parser(prog).parse_args(argv)
+    positional, flag = args.model, args.model_flag
+    del args.model_flag
+    if positional and flag and positional != flag:
+        raise ArgsError(f"the model is given twice, as {positional!r} and as --model {flag!r}; give it once")
+    args.model = positional or flag
+    if not args.model:
+        raise ArgsError("no model given: pass MODEL (a directory, a preset such as tiny, or a Hugging Face id) "
+                        "or --model MODEL")
+    return args
 
 
 def lora_module(text: str):
@@ -76,16 +108,19 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     e.add_argument("--max-loras", type=int, default=1, help="GPU slots: distinct adapters in one step")
     e.add_argument("--max-lora-rank", type=int, default=16, help="the largest adapter rank")
     e.add_argument("--max-cpu-loras", type=int, default=None, help="adapters kept in CPU memory (default max-loras)")
+    e.add_argument("--trust-remote-code", action="store_true",
+                   help="accepted for vLLM command lines; no effect: every supported architecture is built in")
     # Accepted so vLLM command lines parse; EngineConfig refuses them with a clear message.
     e.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
     e.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1)
     e.add_argument("--quantization", "-q", default=None)
     e.add_argument("--speculative-model", default=None)
     e.add_argument("--num-speculative-tokens", type=int, default=None)
+    add_unsupported(e, ENGINE)
 
 
 SERVER_ONLY = {"host", "port", "api_key", "max_n", "log_level", "api_server_count", "max_waiting_requests",
-               "lora_modules"}
+               "lora_modules", "log_requests", "max_log_len", "disable_uvicorn_access_log"}
 
 
 def _positive_int(text: str) -> int:

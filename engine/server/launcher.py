@@ -37,8 +37,10 @@ class ApiSettings:
     max_n: int
     max_waiting_requests: int
     log_level: str
-    access_log: bool
+    access_log: bool  # uvicorn's line per HTTP request (--disable-uvicorn-access-log turns it off)
     multiprocess_metrics: bool
+    log_requests: bool = True  # "Received request" / "Finished request" lines (--disable-log-requests)
+    max_log_len: int | None = None  # prompt characters shown in them (None: all)
     allow_runtime_lora: bool = False  # VLLM_ALLOW_RUNTIME_LORA_UPDATING: the load/unload endpoints
 
 
