@@ -53,6 +53,8 @@ class EngineConfig:
     enforce_eager: bool = False
     max_seq_len_to_capture: int = 8192
     max_logprobs: int = 20
+    # The periodic stats line (engine/stat_logger.py): off offline, as in vLLM's LLM; the server turns it on
+    # unless --disable-log-stats.
     disable_log_stats: bool = True
     # vLLM's switch for a checkpoint's own Python code. Accepted so vLLM code runs; it changes nothing
     # here (every architecture is built in) and says so once in the log.

@@ -26,6 +26,7 @@ from engine.presets import resolve_model
 from engine.scheduler import ScheduledStep, Scheduler
 from engine.scheduler_output import RequestSampling
 from engine.sequence import Sequence
+from engine.stat_logger import StatLogger, log_stats_interval
 from engine.step_timer import StepTimer
 
 log = logging.getLogger("engine")
@@ -41,6 +42,8 @@ class PendingStep:
 class EngineCore:
     def __init__(self, config: EngineConfig):
         start = time.perf_counter()
+        # First, so that a bad VLLM_LOG_STATS_INTERVAL fails before the model loads.
+        self.stat_logger = None if config.disable_log_stats else StatLogger(log_stats_interval())
         self.model_dir = resolve_model(config.model, with_weights=config.load_format != "dummy")
         hf_config = load_hf_config(self.model_dir)
         config.resolve(hf_config)
@@ -74,6 +77,7 @@ class EngineCore:
                  time.perf_counter() - start, self.model_dir, config.device, config.torch_dtype, config.max_model_len,
                  num_blocks, config.max_num_seqs, config.max_num_batched_tokens,
                  config.enable_prefix_caching, config.enable_chunked_prefill, bool(self.runner.graphs))
+        self.log_stats()  # the first interval starts now
 
     @property
     def runner(self):
@@ -253,6 +257,11 @@ class EngineCore:
         self.executor.shutdown()
 
     # ---------------------------------------------------------------- stats
+    def log_stats(self) -> None:
+        """The periodic stats line (engine/stat_logger.py), when one is due; cheap when not."""
+        if self.stat_logger is not None and self.stat_logger.due():
+            self.stat_logger.observe(self.get_stats())
+
     def get_stats(self) -> EngineStats:
         bm = self.block_manager
         return EngineStats(

@@ -187,6 +187,7 @@ class CoreLoop:
                     log.error("the server process is gone; the engine core exits")
                     return False
                 if block:
+                    self.core.log_stats()  # idle: the line that says so, once
                     continue
                 return True
             kind, payload = self.inbox.recv_multipart(copy=True)
@@ -247,6 +248,7 @@ class CoreLoop:
             if self.failures >= MAX_CONSECUTIVE_STEP_FAILURES:
                 raise SystemExit(f"the engine step failed {self.failures} times in a row: {exc!r}") from exc
             outputs = self.core.fail_all(f"engine step failed: {exc!r}")
+        self.core.log_stats()
         if len(self.outboxes) == 1:
             self.send({0: outputs})
             return

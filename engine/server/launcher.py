@@ -141,7 +141,8 @@ def run_api_server(settings: ApiSettings, sock: socket.socket, info: CoreInfo, a
         if server is not None:
             server.should_exit = True  # in-flight requests have their errors already
 
-    client = CoreClient(info, addresses, index, tokenizer, on_dead=on_dead)
+    client = CoreClient(info, addresses, index, tokenizer, on_dead=on_dead, log_requests=settings.log_requests,
+                        max_log_len=settings.max_log_len)
     metrics = ServerMetrics(settings.model_name, lambda: client.stats, settings.multiprocess_metrics)
     client.on_step = metrics.observe
     limits = ServerLimits(info.max_model_len, info.vocab_size, info.max_logprobs, settings.max_n,
