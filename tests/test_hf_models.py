@@ -58,8 +58,8 @@ def test_a_cached_model_is_served_from_the_hub_cache(hub, caplog):
     snapshot = write_hub_cache(hub, "SomeOrg/Tiny-Chat", resolve_model("tiny"))
     with caplog.at_level(logging.INFO, logger="engine"):
         assert resolve_model("SomeOrg/Tiny-Chat") == snapshot
-    assert [r.getMessage() for r in caplog.records] == [f"model SomeOrg/Tiny-Chat: from the local Hugging Face "
-                                                        f"cache, {snapshot}"]
+    expected = f"model SomeOrg/Tiny-Chat: from the local Hugging Face cache, {snapshot}"
+    assert [r.getMessage() for r in caplog.records] == [expected]
     assert resolve_model("someorg/tiny-chat") == snapshot  # found by scanning the cache: another spelling
 
 
@@ -107,7 +107,7 @@ def test_an_unknown_model_is_one_line_listing_the_presets(hub, name, hint):
 
 def test_the_server_refuses_an_uncached_hub_id_in_one_line(hub):
     r = subprocess.run([sys.executable, "-m", "engine.server", "--model", "Qwen/Qwen2.5-7B-Instruct"],
-                       capture_output=True, text=True, timeout=120)
+                       capture_output=True, text=True, timeout=120, check=False)
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
     errors = [line for line in r.stderr.splitlines() if "error" in line.lower()]
     assert len(errors) == 1 and "--load-format dummy" in errors[0] and "qwen2.5-7b" in errors[0]

@@ -29,8 +29,8 @@ def stats(running=0, waiting=0, usage=0.0, queries=0, hits=0, prompt=0, generate
 def test_stats_line_over_an_interval():
     line = stats_line(stats(queries=100, hits=10, prompt=1000, generated=50),
                       stats(running=3, waiting=2, usage=0.4125, queries=300, hits=110, prompt=3000, generated=250), 2.0)
-    assert line == ("Avg prompt throughput: 1000.0 tokens/s, Avg generation throughput: 100.0 tokens/s, Running: 3 reqs, "
-                    "Waiting: 2 reqs, GPU KV cache usage: 41.2%, Prefix cache hit rate: 50.0%")
+    assert line == ("Avg prompt throughput: 1000.0 tokens/s, Avg generation throughput: 100.0 tokens/s, "
+                    "Running: 3 reqs, Waiting: 2 reqs, GPU KV cache usage: 41.2%, Prefix cache hit rate: 50.0%")
     assert "Prefix cache hit rate: 0.0%" in stats_line(stats(), stats(running=1), 1.0)  # no lookups: no division
 
 
