@@ -74,6 +74,23 @@ def test_model_conflict_is_one_line_and_exit_2():
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "given twice" in r.stderr, r.stderr
 
 
+# ---------------------------------------------------------------- logging flags
+def test_log_flags_reach_the_engine_and_the_api_settings():
+    from engine.server.__main__ import api_settings
+
+    args = parse_server_args(["tiny"])
+    config, settings = engine_config(args), api_settings(args, engine_config(args))
+    assert not config.disable_log_stats and settings.access_log and settings.log_requests  # vLLM's defaults: on
+    assert settings.max_log_len is None and settings.uvicorn_log_level is None
+    args = parse_server_args(["tiny", "--disable-log-stats", "--disable-log-requests", "--disable-uvicorn-access-log",
+                              "--max-log-len", "10", "--uvicorn-log-level", "warning"])
+    config, settings = engine_config(args), api_settings(args, engine_config(args))
+    assert config.disable_log_stats and not settings.access_log and not settings.log_requests
+    assert settings.max_log_len == 10 and settings.uvicorn_log_level == "warning"
+    args = parse_server_args(["tiny", "--disable-log-requests", "--enable-log-requests"])
+    assert api_settings(args, engine_config(args)).log_requests  # the last one given wins
+
+
 # ---------------------------------------------------------------- vLLM flags we do not build
 def _refusal(argv: list[str], capsys) -> str:
     with pytest.raises(SystemExit) as exc:

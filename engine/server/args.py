@@ -49,6 +49,8 @@ def build_parser(prog: str = "workbench serve") -> argparse.ArgumentParser:
     s.add_argument("--max-log-len", type=_non_negative_int, default=None,
                    help="characters of each prompt shown in the request log (default: all)")
     s.add_argument("--disable-uvicorn-access-log", action="store_true", help="no HTTP access log lines")
+    s.add_argument("--uvicorn-log-level", default=None, choices=["critical", "error", "warning", "info", "debug", "trace"],
+                   help="uvicorn's own log level (default: --log-level)")
     s.add_argument("--lora-modules", nargs="+", type=lora_module, default=None, metavar="NAME=PATH",
                    help='LoRA adapters served by name: NAME=PATH or JSON {"name": ..., "path": ..., '
                         '"base_model_name": ...}; needs --enable-lora')
@@ -120,7 +122,7 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
 
 
 SERVER_ONLY = {"host", "port", "api_key", "max_n", "log_level", "api_server_count", "max_waiting_requests",
-               "lora_modules", "log_requests", "max_log_len", "disable_uvicorn_access_log"}
+               "lora_modules", "log_requests", "max_log_len", "disable_uvicorn_access_log", "uvicorn_log_level"}
 
 
 def _positive_int(text: str) -> int:

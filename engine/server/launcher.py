@@ -41,6 +41,7 @@ class ApiSettings:
     multiprocess_metrics: bool
     log_requests: bool = True  # "Received request" / "Finished request" lines (--disable-log-requests)
     max_log_len: int | None = None  # prompt characters shown in them (None: all)
+    uvicorn_log_level: str | None = None  # uvicorn's own loggers (None: log_level)
     allow_runtime_lora: bool = False  # VLLM_ALLOW_RUNTIME_LORA_UPDATING: the load/unload endpoints
 
 
@@ -158,8 +159,8 @@ def run_api_server(settings: ApiSettings, sock: socket.socket, info: CoreInfo, a
         await client.close()  # before the core stops, so that its exit is not taken for a crash
 
     app.router.lifespan_context = lifespan
-    config = uvicorn.Config(app, log_level=settings.log_level, timeout_graceful_shutdown=10,
-                            access_log=settings.access_log)
+    config = uvicorn.Config(app, log_level=settings.uvicorn_log_level or settings.log_level,
+                            timeout_graceful_shutdown=10, access_log=settings.access_log)
     server = _graceful_server_class()(config)
     server.run(sockets=[sock])
     return exit_code

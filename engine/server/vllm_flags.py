@@ -78,6 +78,8 @@ ENGINE = [
     _u("--mm-processor-kwargs", "multimodal input processing"),
     _u("--disable-mm-preprocessor-cache", "multimodal input processing", switch=True),
     _u("--allowed-local-media-path", "images or video read from local files (multimodal)"),
+    _u("--generation-config", "sampling defaults from the model's generation_config.json; here a request's "
+       "defaults are vLLM's own", accept="vllm"),
     _u("--override-generation-config", "overrides the model's generation defaults"),
     _u("--override-pooler-config", "pooling models (embeddings, rewards)"),
     _u("--task", "pooling tasks (embeddings, classification, rewards)", accept="auto generate"),
@@ -115,7 +117,6 @@ SERVER = [
     _u("--enable-force-include-usage", "usage in every response", switch=True),
     _u("--disable-fastapi-docs", "turns off the OpenAPI docs routes", switch=True),
     _u("--prompt-adapters", "prompt-tuning adapters"),
-    _u("--uvicorn-log-level", "uvicorn's own log level; --log-level sets it here"),
     _u("--log-config-file", "a logging configuration file"),
 ]
 
