@@ -15,9 +15,9 @@ NOT_YET_SUPPORTED = {
     "speculative_model": (None, "speculative decoding"),
     "speculative_config": (None, "speculative decoding"),
     "num_speculative_tokens": (None, "speculative decoding"),
-    "tensor_parallel_size": (1, "tensor parallelism"),
-    "pipeline_parallel_size": (1, "pipeline parallelism"),
 }
+
+EXECUTOR_BACKENDS = ("uni", "mp", "ray")  # vLLM's --distributed-executor-backend choices
 
 DTYPES = {"float16": torch.float16, "half": torch.float16, "bfloat16": torch.bfloat16,
           "float32": torch.float32, "float": torch.float32}
@@ -63,8 +63,11 @@ class EngineConfig:
     speculative_model: str | None = None
     speculative_config: dict | None = None
     num_speculative_tokens: int | None = None
+    # Parallelism (engine/distributed/): tensor-parallel ranks per pipeline stage, pipeline stages, and
+    # how the workers run (None: in this process for one rank, worker processes ("mp") for more).
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
+    distributed_executor_backend: str | None = None
     # Filled in by resolve() from the checkpoint and the device.
     hf_config: Any = field(default=None, repr=False)
     torch_dtype: torch.dtype | None = field(default=None, repr=False)
@@ -91,6 +94,40 @@ class EngineConfig:
             self.device = "cuda" if torch.cuda.is_available() else "cpu"
         if self.device == "cuda" and not torch.cuda.is_available():
             raise ConfigError("device='cuda' was asked for but torch sees no CUDA device")
+        self._check_parallel()
+
+    @property
+    def world_size(self) -> int:
+        return self.tensor_parallel_size * self.pipeline_parallel_size
+
+    @property
+    def executor_backend(self) -> str:
+        """'uni' (the worker in this process) or 'mp' (one worker process per rank)."""
+        return self.distributed_executor_backend or ("uni" if self.world_size == 1 else "mp")
+
+    def _check_parallel(self) -> None:
+        for name in ("tensor_parallel_size", "pipeline_parallel_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        backend = self.distributed_executor_backend
+        if backend is not None and backend not in EXECUTOR_BACKENDS:
+            raise ConfigError(f"distributed_executor_backend must be one of {', '.join(EXECUTOR_BACKENDS)}; "
+                              f"got {backend!r}")
+        if backend == "ray":
+            raise ConfigError("distributed_executor_backend='ray' needs Ray, which this engine does not drive (and is "
+                              "not installed here); use 'mp' (worker processes on this host)")
+        if backend == "uni" and self.world_size > 1:
+            raise ConfigError(f"distributed_executor_backend='uni' runs one worker in this process, but "
+                              f"tensor_parallel_size x pipeline_parallel_size = {self.world_size}; use 'mp'")
+        if self.world_size > 1 and self.enable_lora:
+            raise ConfigError("enable_lora with tensor_parallel_size or pipeline_parallel_size > 1 is not supported "
+                              "yet: LoRA adapters are not sharded")
+        if self.world_size > 1 and self.quantization is not None:
+            raise ConfigError("quantization with tensor_parallel_size or pipeline_parallel_size > 1 is not supported "
+                              "yet: quantized weights are not sharded")
+        if self.device == "cuda" and self.world_size > torch.cuda.device_count():
+            raise ConfigError(f"tensor_parallel_size x pipeline_parallel_size = {self.world_size} needs as many GPUs; "
+                              f"torch sees {torch.cuda.device_count()}")
 
     def _check_lora(self) -> None:
         if self.max_loras < 1:
@@ -129,10 +166,28 @@ class EngineConfig:
                               f"({self.max_num_seqs}) so that every running sequence can decode in one step")
         if self.device == "cpu" and self.kv_cache_memory is None and self.num_gpu_blocks_override is None:
             self.kv_cache_memory = 1 * GiB
+        check_parallel_shapes(hf_config, self.tensor_parallel_size, self.pipeline_parallel_size)
 
     @property
     def name(self) -> str:
         return self.served_model_name or self.model
+
+
+def check_parallel_shapes(hf_config: Any, tp: int, pp: int) -> None:
+    """The model must split over the ranks: heads and the MLP evenly over tp, KV heads split or replicated
+    evenly, at least one layer per pipeline stage. (The vocabulary needs nothing: its last shard is padded.)"""
+    heads = hf_config.num_attention_heads
+    kv_heads = getattr(hf_config, "num_key_value_heads", None) or heads
+    if heads % tp:
+        raise ConfigError(f"num_attention_heads ({heads}) must be divisible by tensor_parallel_size ({tp})")
+    if kv_heads % tp and tp % kv_heads:
+        raise ConfigError(f"num_key_value_heads ({kv_heads}) must divide or be divisible by tensor_parallel_size ({tp})")
+    if hf_config.intermediate_size % tp:
+        raise ConfigError(f"intermediate_size ({hf_config.intermediate_size}) must be divisible by "
+                          f"tensor_parallel_size ({tp})")
+    if hf_config.num_hidden_layers < pp:
+        raise ConfigError(f"pipeline_parallel_size ({pp}) exceeds num_hidden_layers ({hf_config.num_hidden_layers}): "
+                          "every stage needs a layer")
 
 
 def _pick_dtype(dtype: str, hf_config: Any, device: str) -> torch.dtype:

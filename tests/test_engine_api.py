@@ -129,8 +129,7 @@ def test_generation_stops_at_max_model_len():
     assert len(out.token_ids) == 10 and out.finish_reason == "length"
 
 
-@pytest.mark.parametrize("option,value", [("quantization", "awq"), ("speculative_model", "x"),
-                                          ("tensor_parallel_size", 2)])
+@pytest.mark.parametrize("option,value", [("quantization", "awq"), ("speculative_model", "x")])
 def test_not_yet_supported_options_are_refused(option, value):
     with pytest.raises(ConfigError, match=option):
         LLM("tiny", **{option: value})

@@ -76,9 +76,14 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     e.add_argument("--max-loras", type=int, default=1, help="GPU slots: distinct adapters in one step")
     e.add_argument("--max-lora-rank", type=int, default=16, help="the largest adapter rank")
     e.add_argument("--max-cpu-loras", type=int, default=None, help="adapters kept in CPU memory (default max-loras)")
+    e.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
+                   help="ranks each layer is split over (heads, MLP, vocabulary); one worker process each")
+    e.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1,
+                   help="stages the layers are split into; the world size is tp x pp worker processes")
+    e.add_argument("--distributed-executor-backend", default=None, choices=["uni", "mp", "ray"],
+                   help="uni: the worker in the engine's process (one rank); mp: one worker process per rank "
+                        "(the default for more than one); ray is not available")
     # Accepted so vLLM command lines parse; EngineConfig refuses them with a clear message.
-    e.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
-    e.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1)
     e.add_argument("--quantization", "-q", default=None)
     e.add_argument("--speculative-model", default=None)
     e.add_argument("--num-speculative-tokens", type=int, default=None)
