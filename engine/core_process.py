@@ -25,6 +25,7 @@ import msgspec
 import zmq
 
 from engine.config import EngineConfig
+from engine.executor import WorkerFailure
 from engine.lora.registry import LoRARegistry
 from engine.lora.request import LoRAError
 from engine.messages import (ABORT, ADD, LOAD_LORA, RESET_PREFIX_CACHE, SHUTDOWN, UNLOAD_LORA, CallResult, CoreInfo,
@@ -241,6 +242,9 @@ class CoreLoop:
         try:
             outputs = self.core.step()
             self.failures = 0
+        except WorkerFailure as exc:  # a worker process is gone: nothing can run any more
+            log.error("the engine's workers failed; the engine core exits: %s", exc)
+            raise SystemExit(f"the engine's workers failed: {exc}") from exc
         except Exception as exc:  # a fault outside one request: fail what runs, keep serving
             self.failures += 1
             log.exception("engine step failed (%d in a row)", self.failures)

@@ -165,15 +165,27 @@ class MultiprocExecutor:
         """The next reply from any worker; WorkerFailure if one reports an error or dies meanwhile."""
         self._check()
         while not self.replies.poll(POLL_MS):
-            dead = [(rank, p) for rank, p in enumerate(self.procs) if p.exitcode is not None]
+            dead = self._dead_worker()
             if dead:
-                rank, proc = dead[0]
-                self._fail(f"worker {rank} (pid {proc.pid}) exited unexpectedly with code {proc.exitcode}")
+                self._fail(dead)
         kind, rank, payload = self.replies.recv_multipart()
         rank = int(rank)
         if kind == ERROR:
-            self._fail(f"worker {rank} (pid {self.procs[rank].pid}) failed:\n{payload.decode(errors='replace')}")
+            error = payload.decode(errors="replace")
+            # A peer's death shows in the survivors as a failed collective: name the dead worker first.
+            deadline = time.monotonic() + 2.0
+            while not (dead := self._dead_worker(but=rank)) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            last = error.strip().splitlines()[-1] if error.strip() else ""
+            self._fail(f"{dead} (then worker {rank} failed: {last})" if dead
+                       else f"worker {rank} (pid {self.procs[rank].pid}) failed:\n{error}")
         return (kind, rank, payload) if with_rank else (kind, payload)
+
+    def _dead_worker(self, but: int | None = None) -> str | None:
+        for rank, proc in enumerate(self.procs):
+            if rank != but and proc.exitcode is not None:
+                return f"worker {rank} (pid {proc.pid}) exited unexpectedly with code {proc.exitcode}"
+        return None
 
     def _check(self) -> None:
         if self.failure is not None:

@@ -82,3 +82,113 @@ def test_parallel_greedy_equals_one_process(tp, pp, single_process_tokens):
     finally:
         llm.llm_engine.shutdown()
     assert _children() <= before  # every worker stopped
+
+
+def _gone(pids, timeout: float = 10.0) -> bool:
+    """Every pid has exited (a zombie not reaped by a container's init counts as gone)."""
+    import time
+
+    import psutil
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        alive = []
+        for pid in pids:
+            try:
+                if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                    alive.append(pid)
+            except psutil.NoSuchProcess:
+                pass
+        if not alive:
+            return True
+        time.sleep(0.2)
+    return False
+
+
+@pytest.mark.slow
+def test_a_killed_worker_fails_the_engine_and_leaves_no_process():
+    import os
+    import signal
+
+    from engine import LLM, SamplingParams
+    from engine.executor import WorkerFailure
+
+    llm = LLM(str(parallel_helpers.kv1_llama_dir()), tensor_parallel_size=2, **ENGINE)
+    engine = llm.llm_engine
+    pids = engine.core.executor.pids
+    params = SamplingParams(temperature=0.0, max_tokens=200, ignore_eos=True)
+    for i, prompt in enumerate(_prompts()):
+        engine.add_request(str(i), prompt, params)
+    for _ in range(3):
+        engine.step()
+    os.kill(pids[1], signal.SIGKILL)
+    with pytest.raises(WorkerFailure, match=rf"worker 1 \(pid {pids[1]}\)"):
+        for _ in range(1000):
+            engine.step()
+    assert _gone(pids)  # the other worker was killed too
+    with pytest.raises(WorkerFailure):  # and the engine says so again, rather than hang
+        engine.step()
+    engine.shutdown()
+
+
+@pytest.mark.slow
+def test_workers_exit_when_the_engine_is_terminated(tmp_path):
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = tmp_path / "run_engine.py"
+    script.write_text(
+        "import json, sys, time\n"
+        "from engine import LLM\n"
+        "if __name__ == '__main__':\n"
+        f"    llm = LLM({str(parallel_helpers.kv1_llama_dir())!r}, pipeline_parallel_size=2, **{ENGINE!r})\n"
+        "    print(json.dumps(llm.llm_engine.core.executor.pids), flush=True)\n"
+        "    time.sleep(600)\n")
+    root = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        pids = json.loads(proc.stdout.readline())
+        assert len(pids) == 2
+        proc.send_signal(signal.SIGTERM)  # no clean-up runs in the engine: the workers notice on their own
+        proc.wait(30)
+        assert _gone(pids), "worker processes outlived the engine"
+    finally:
+        proc.kill()
+
+
+@pytest.mark.slow
+def test_served_path_starts_the_workers_from_its_engine_core(single_process_tokens):
+    import httpx
+    import psutil
+
+    from tests.server_process import ServerProcess
+
+    srv = ServerProcess(str(parallel_helpers.kv1_llama_dir()), "--tensor-parallel-size", "2", "--device", "cpu",
+                        "--num-gpu-blocks-override", "256", "--max-model-len", "256", "--max-num-seqs", "8",
+                        "--max-num-batched-tokens", "32", "--enable-prefix-caching", timeout=240)
+    try:
+        tree = psutil.Process(srv.proc.pid).children(recursive=True)
+        workers = [p for p in tree if p.parent() is not None and p.parent().pid != srv.proc.pid
+                   and p.parent().pid in {c.pid for c in tree}]
+        assert len(workers) == 2  # the engine core's children
+        prompt = _prompts()[0]
+        body = {"model": str(parallel_helpers.kv1_llama_dir()), "prompt": prompt, "max_tokens": 12,
+                "temperature": 0.0, "ignore_eos": True, "logprobs": 0}
+        r = httpx.post(srv.url + "/v1/completions", json=body, timeout=120)
+        assert r.status_code == 200, r.text
+        assert r.json()["usage"]["completion_tokens"] == 12
+        from engine.model_loader import load_tokenizer
+
+        tokenizer = load_tokenizer(parallel_helpers.kv1_llama_dir())
+        # (the streaming detokenizer holds back a last token that ends inside a UTF-8 character)
+        want = tokenizer.decode(single_process_tokens[0]).rstrip("\ufffd")
+        assert r.json()["choices"][0]["text"].rstrip("\ufffd") == want
+    finally:
+        code = srv.stop()
+    assert code == 0, srv.output()
+    assert _gone([p.pid for p in tree])
