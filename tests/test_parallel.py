@@ -79,6 +79,16 @@ def test_parallel_greedy_equals_one_process(tp, pp, single_process_tokens):
         assert _greedy(llm, _prompts()) == single_process_tokens
         stats = llm.llm_engine.get_stats()
         assert stats.prefix_cache_hits_total > 0
+        if pp > 1:  # one step in flight per stage while the host reads the oldest
+            from engine import SamplingParams
+
+            engine, most = llm.llm_engine, 0
+            for i, prompt in enumerate(_prompts()[:4]):
+                engine.add_request(f"x{i}", prompt, SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True))
+            while engine.has_unfinished_requests():
+                engine.step()
+                most = max(most, len(engine.core._in_flight))
+            assert most == pp
     finally:
         llm.llm_engine.shutdown()
     assert _children() <= before  # every worker stopped
@@ -192,3 +202,68 @@ def test_served_path_starts_the_workers_from_its_engine_core(single_process_toke
         code = srv.stop()
     assert code == 0, srv.output()
     assert _gone([p.pid for p in tree])
+
+
+def test_pipelined_schedule_keeps_in_flight_requests_out_and_splits_the_batch():
+    """PP 2: a step takes at most max_num_seqs / 2 sequences, and a request whose token is still in the
+    pipeline is not scheduled until the token is back; prompt chunks may follow each other."""
+    from engine.block_manager import BlockManager
+    from engine.scheduler import Scheduler
+    from tests.test_block_manager import FakeConfig, make_seq
+
+    bm = BlockManager(num_blocks=64, block_size=4, enable_prefix_caching=False)
+    sched = Scheduler(FakeConfig(max_num_seqs=4, max_num_batched_tokens=16, pipeline_parallel_size=2), bm)
+    seqs = [make_seq(i, [1] * 5, max_tokens=20) for i in range(4)] + [make_seq(9, [1] * 30, max_tokens=2)]
+    for s in seqs:
+        sched.add(s)
+    first = sched.schedule()
+    second = sched.schedule()
+    assert [s.request_id for s in first.seqs] == ["0", "1"]  # 2 of max_num_seqs 4: the batch splits
+    assert [s.request_id for s in second.seqs] == ["2", "3"]  # 0 and 1 wait for their tokens
+    assert not sched.schedule()  # everything running is in flight
+    for s in first.seqs:  # step 1's tokens arrive
+        s.token_ids.append(7)
+    third = sched.schedule()
+    assert [s.request_id for s in third.seqs] == ["0", "1"]
+    assert all(n == 1 for n in third.num_new_tokens)
+
+    bm = BlockManager(num_blocks=64, block_size=4, enable_prefix_caching=False)
+    sched = Scheduler(FakeConfig(max_num_seqs=4, max_num_batched_tokens=16, pipeline_parallel_size=2), bm)
+    long = make_seq(0, [1] * 40, max_tokens=2)
+    sched.add(long)
+    chunks = [sched.schedule().num_new_tokens for _ in range(3)]
+    assert chunks == [[16], [16], [8]]  # chunk after chunk, no token between them
+    assert not sched.schedule()  # the last chunk samples: in flight now
+
+
+def test_tune_searches_the_parallel_sizes_and_prechecks_their_shapes():
+    from workbench.tune.precheck import refuse
+    from workbench.tune.study_file import StudyFile
+    from workbench.tune.trial import render_flags
+
+    study = StudyFile.model_validate({
+        "study": {"name": "parallel", "model": "tiny", "n_trials": 2},
+        "search_space": {"tensor_parallel_size": {"type": "categorical", "choices": [1, 2]},
+                         "pipeline_parallel_size": {"type": "int", "low": 1, "high": 2}},
+        "objectives": [{"metric": "output_throughput", "direction": "maximize"}]})
+    assert set(study.search_space) == {"tensor_parallel_size", "pipeline_parallel_size"}
+    assert render_flags({"tensor_parallel_size": 2, "pipeline_parallel_size": 2}) == \
+        "--tensor-parallel-size 2 --pipeline-parallel-size 2"
+    assert refuse("tiny", {"tensor_parallel_size": 2, "pipeline_parallel_size": 2}, None)[0] is None
+    assert "divisible by tensor_parallel_size (3)" in refuse("tiny", {"tensor_parallel_size": 3}, None)[0]
+    assert "exceeds num_hidden_layers" in refuse("tiny", {"pipeline_parallel_size": 5}, None)[0]
+
+
+def test_parallel_settings_are_checked_with_one_line_errors():
+    from engine import LLM
+    from engine.config import ConfigError
+
+    for kwargs, match in [({"tensor_parallel_size": 3}, "num_attention_heads .4. must be divisible"),
+                          ({"pipeline_parallel_size": 9}, "exceeds num_hidden_layers"),
+                          ({"tensor_parallel_size": 0}, "at least 1"),
+                          ({"distributed_executor_backend": "ray"}, "Ray"),
+                          ({"distributed_executor_backend": "uni", "tensor_parallel_size": 2}, "use 'mp'"),
+                          ({"enable_lora": True, "tensor_parallel_size": 2}, "enable_lora")]:
+        with pytest.raises(ConfigError, match=match) as info:
+            LLM("tiny", device="cpu", **kwargs)
+        assert "\n" not in str(info.value)

@@ -111,12 +111,30 @@ class ModelShape:
         from engine.models.llama import head_dim_of
 
         hf, dtype = engine.config.hf_config, engine.config.torch_dtype
-        params = sum(p.numel() for p in engine.runner.model.parameters())  # a tied LM head counts once
+        if engine.runner is not None:
+            params = sum(p.numel() for p in engine.runner.model.parameters())  # a tied LM head counts once
+        else:  # worker processes hold the (sharded) weights: count them from the config
+            params = config_params(hf)
         if not getattr(hf, "tie_word_embeddings", False):
             params -= hf.vocab_size * hf.hidden_size  # the input embedding is a row lookup, not a matmul
         return cls(matmul_params=params, layers=hf.num_hidden_layers, heads=hf.num_attention_heads,
                    kv_heads=getattr(hf, "num_key_value_heads", None) or hf.num_attention_heads,
                    head_dim=head_dim_of(hf), dtype_bytes=torch.empty(0, dtype=dtype).element_size())
+
+
+def config_params(hf) -> int:
+    """The model's parameters from its config (the matmuls, norms and one vocabulary matrix; as
+    counting the parameters of a model whose tied LM head counts once)."""
+    from engine.models.llama import head_dim_of
+
+    hidden, inter, hd = hf.hidden_size, hf.intermediate_size, head_dim_of(hf)
+    heads = hf.num_attention_heads
+    kv_heads = getattr(hf, "num_key_value_heads", None) or heads
+    qkv_bias = "Qwen2ForCausalLM" in (hf.architectures or []) or bool(getattr(hf, "attention_bias", False))
+    per_layer = ((hidden + qkv_bias) * (heads + 2 * kv_heads) * hd + heads * hd * hidden + 3 * hidden * inter
+                 + 2 * hidden)
+    vocab = hf.vocab_size * hidden * (1 if getattr(hf, "tie_word_embeddings", False) else 2)
+    return hf.num_hidden_layers * per_layer + vocab + hidden
 
 
 def phase_floor(rates: DeviceRates, nbytes: float, flops: float) -> float:
