@@ -6,16 +6,10 @@ from typing import Any
 
 import torch
 
+from engine.spec_decode.config import SpecConfigError, SpeculativeConfig, build_speculative_config
+
 GiB = 1 << 30
 
-# Options whose capability has not landed yet. They are accepted by name (so vLLM code and
-# command lines parse) and refused with a clear error when set to anything but the default.
-NOT_YET_SUPPORTED = {
-    "quantization": (None, "AWQ/GPTQ 4-bit weights"),
-    "speculative_model": (None, "speculative decoding"),
-    "speculative_config": (None, "speculative decoding"),
-    "num_speculative_tokens": (None, "speculative decoding"),
-}
 
 EXECUTOR_BACKENDS = ("uni", "mp", "ray")  # vLLM's --distributed-executor-backend choices
 
@@ -58,11 +52,15 @@ class EngineConfig:
     max_loras: int = 1
     max_lora_rank: int = 16
     max_cpu_loras: int | None = None
-    # Not yet supported (see NOT_YET_SUPPORTED).
-    quantization: str | None = None
-    speculative_model: str | None = None
-    speculative_config: dict | None = None
+    # Speculative decoding (engine/spec_decode/): vLLM's dict (or JSON text), or its older flags.
+    speculative_config: dict | str | None = None
+    speculative_model: str | None = None  # "[ngram]" for prompt lookup, else a draft model
     num_speculative_tokens: int | None = None
+    ngram_prompt_lookup_max: int | None = None
+    ngram_prompt_lookup_min: int | None = None
+    # AWQ/GPTQ checkpoints are detected from config.json; when given, this must name the checkpoint's
+    # method ("awq", "gptq", or vLLM's aliases "awq_marlin", "gptq_marlin").
+    quantization: str | None = None
     # Parallelism (engine/distributed/): tensor-parallel ranks per pipeline stage, pipeline stages, and
     # how the workers run (None: in this process for one rank, worker processes ("mp") for more).
     tensor_parallel_size: int = 1
@@ -71,12 +69,11 @@ class EngineConfig:
     # Filled in by resolve() from the checkpoint and the device.
     hf_config: Any = field(default=None, repr=False)
     torch_dtype: torch.dtype | None = field(default=None, repr=False)
+    quant_config: Any = field(default=None, repr=False)  # engine/quantization/config.py QuantConfig, or None
+    # Built by __post_init__ from the speculative settings above (None: off).
+    speculative: SpeculativeConfig | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
-        for name, (default, what) in NOT_YET_SUPPORTED.items():
-            if getattr(self, name) != default:
-                raise ConfigError(f"{name}={getattr(self, name)!r} is not supported yet: {what} has not landed in "
-                                  f"this engine. Leave {name} at its default ({default!r}).")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ConfigError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.block_size not in (8, 16, 32, 64, 128):
@@ -90,6 +87,15 @@ class EngineConfig:
         if self.device not in ("auto", "cuda", "cpu"):
             raise ConfigError(f"device must be auto, cuda or cpu; got {self.device!r}")
         self._check_lora()
+        from engine.quantization.config import normalize_option
+
+        normalize_option(self.quantization)  # a bad name fails before anything loads
+        try:
+            self.speculative = build_speculative_config(
+                self.speculative_config, self.speculative_model, self.num_speculative_tokens,
+                self.ngram_prompt_lookup_max, self.ngram_prompt_lookup_min)
+        except SpecConfigError as exc:
+            raise ConfigError(str(exc)) from None
         if self.device == "auto":
             self.device = "cuda" if torch.cuda.is_available() else "cpu"
         if self.device == "cuda" and not torch.cuda.is_available():
@@ -125,6 +131,9 @@ class EngineConfig:
         if self.world_size > 1 and self.quantization is not None:
             raise ConfigError("quantization with tensor_parallel_size or pipeline_parallel_size > 1 is not supported "
                               "yet: quantized weights are not sharded")
+        if self.world_size > 1 and self.speculative is not None:
+            raise ConfigError("speculative decoding with tensor_parallel_size or pipeline_parallel_size > 1 is not "
+                              "supported yet: the draft model runs in the engine's one worker")
         if self.device == "cuda" and self.world_size > torch.cuda.device_count():
             raise ConfigError(f"tensor_parallel_size x pipeline_parallel_size = {self.world_size} needs as many GPUs; "
                               f"torch sees {torch.cuda.device_count()}")
@@ -141,11 +150,22 @@ class EngineConfig:
 
     @classmethod
     def field_names(cls) -> set[str]:
-        return {f.name for f in fields(cls)} - {"hf_config", "torch_dtype"}
+        return {f.name for f in fields(cls)} - {"hf_config", "torch_dtype", "quant_config", "speculative"}
+
+    @property
+    def num_spec_tokens(self) -> int:
+        """Draft tokens a request may verify per step (0: no speculative decoding)."""
+        return self.speculative.num_speculative_tokens if self.speculative else 0
 
     def resolve(self, hf_config: Any) -> None:
         """Fill in what depends on the checkpoint: dtype, max_model_len, the token budget."""
+        from engine.quantization.config import resolve as resolve_quantization
+
         self.hf_config = hf_config
+        self.quant_config = resolve_quantization(self.quantization, hf_config)
+        if self.quant_config is not None and self.world_size > 1:  # detected from the checkpoint's config.json
+            raise ConfigError(f"{self.quant_config.method.upper()} checkpoints with tensor_parallel_size or "
+                              "pipeline_parallel_size > 1 are not supported yet: quantized weights are not sharded")
         self.torch_dtype = _pick_dtype(self.dtype, hf_config, self.device)
         model_max = int(getattr(hf_config, "max_position_embeddings", 2048) or 2048)
         if self.max_model_len is None:
@@ -181,7 +201,8 @@ def check_parallel_shapes(hf_config: Any, tp: int, pp: int) -> None:
     if heads % tp:
         raise ConfigError(f"num_attention_heads ({heads}) must be divisible by tensor_parallel_size ({tp})")
     if kv_heads % tp and tp % kv_heads:
-        raise ConfigError(f"num_key_value_heads ({kv_heads}) must divide or be divisible by tensor_parallel_size ({tp})")
+        raise ConfigError(f"num_key_value_heads ({kv_heads}) must divide or be divisible by "
+                          f"tensor_parallel_size ({tp})")
     if hf_config.intermediate_size % tp:
         raise ConfigError(f"intermediate_size ({hf_config.intermediate_size}) must be divisible by "
                           f"tensor_parallel_size ({tp})")

@@ -2,7 +2,8 @@
 
 Requests in (one sequence each, see engine/messages.py), one step at a time, every sequence's new
 tokens out as plain data. The core talks to its workers in plain data too: a step plan
-(SchedulerOutput) out, the sampled tokens (ModelRunnerOutput) back (engine/scheduler_output.py). Text, stop strings and n-sample requests belong to the front end
+(SchedulerOutput) out, the sampled tokens (ModelRunnerOutput) back (engine/scheduler_output.py). Text, stop
+strings and n-sample requests belong to the front end
 (engine/output_processor.py), which runs in the same process offline (LLMEngine) and in the API
 server processes when serving (engine/core_process.py). One core, either way.
 """
@@ -27,6 +28,7 @@ from engine.presets import resolve_model
 from engine.scheduler import ScheduledStep, Scheduler
 from engine.scheduler_output import RequestSampling
 from engine.sequence import Sequence
+from engine.spec_decode import scheduling as spec_scheduling
 from engine.step_timer import StepTimer
 
 log = logging.getLogger("engine")
@@ -66,8 +68,12 @@ class EngineCore:
         # one (the one-step overlap), or one per pipeline stage, so that every stage has a step to run
         # while the host reads the oldest (the scheduler keeps their requests disjoint).
         self._in_flight: deque[PendingStep] = deque()
-        self.max_unread = config.pipeline_parallel_size
         self._counters = {"prompt_tokens": 0, "generation_tokens": 0, "steps": 0, "scheduled_tokens": 0}
+        # Speculative decoding runs each step to its end before the next is scheduled (none unread): the
+        # next step's drafts and token counts depend on how many of this step's drafts were accepted.
+        self.spec_stats = (spec_scheduling.SpecDecodeStats(config.num_spec_tokens) if config.speculative
+                           else None)
+        self.max_unread = 0 if self.spec_stats is not None else config.pipeline_parallel_size
         # The start-up heap (torch, transformers, the model) is never garbage, yet the collector's full
         # passes walk it: one pauses a step for a third of a second on a 0.5B run. Frozen, they skip it
         # (as vLLM does); unfrozen at exit, so that the interpreter's last collection still sees it.
@@ -244,10 +250,13 @@ class EngineCore:
             return []
         # The step's own sequences, not self.requests: an id aborted and reused since then must not
         # receive the old request's token.
-        outcome = self.output_handler.process(result, {seq.request_id: seq for seq in pending.step.seqs})
+        seqs = {seq.request_id: seq for seq in pending.step.seqs}
+        outcome = self.output_handler.process(result, seqs)
         for seq in outcome.finished:
             self.scheduler.finish(seq, seq.finish_reason)
             del self.requests[seq.request_id]
+        if self.spec_stats is not None:
+            spec_scheduling.after_step(self.scheduler, pending.step.plan, result, seqs, self.spec_stats)
         for seq, exc in outcome.failed:
             self._fail([seq], exc)
         self._counters["generation_tokens"] += outcome.num_generated
@@ -268,13 +277,17 @@ class EngineCore:
     # ---------------------------------------------------------------- stats
     def get_stats(self) -> EngineStats:
         bm = self.block_manager
+        spec = self.spec_stats or spec_scheduling.SpecDecodeStats(0)
         return EngineStats(
             num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.waiting),
             kv_cache_usage=bm.usage(), num_gpu_blocks=bm.num_blocks,
             num_preemptions_total=self.scheduler.num_preemptions, prefix_cache_queries_total=bm.prefix_queries,
             prefix_cache_hits_total=bm.prefix_hits, prompt_tokens_total=self._counters["prompt_tokens"],
             generation_tokens_total=self._counters["generation_tokens"], num_steps_total=self._counters["steps"],
-            scheduled_tokens_total=self._counters["scheduled_tokens"])
+            scheduled_tokens_total=self._counters["scheduled_tokens"],
+            spec_decode_num_drafts_total=spec.num_drafts, spec_decode_num_draft_tokens_total=spec.num_draft_tokens,
+            spec_decode_num_accepted_tokens_total=spec.num_accepted_tokens,
+            spec_decode_num_accepted_tokens_per_pos=list(spec.accepted_per_pos))
 
 
 def test_faults(spec: str) -> dict[str, int]:

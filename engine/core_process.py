@@ -28,8 +28,21 @@ from engine.config import EngineConfig
 from engine.executor import WorkerFailure
 from engine.lora.registry import LoRARegistry
 from engine.lora.request import LoRAError
-from engine.messages import (ABORT, ADD, LOAD_LORA, RESET_PREFIX_CACHE, SHUTDOWN, UNLOAD_LORA, CallResult, CoreInfo,
-                             CoreOutput, CoreOutputs, CoreRequest, LoadLoRA, UnloadLoRA)
+from engine.messages import (
+    ABORT,
+    ADD,
+    LOAD_LORA,
+    RESET_PREFIX_CACHE,
+    SHUTDOWN,
+    UNLOAD_LORA,
+    CallResult,
+    CoreInfo,
+    CoreOutput,
+    CoreOutputs,
+    CoreRequest,
+    LoadLoRA,
+    UnloadLoRA,
+)
 
 log = logging.getLogger("engine.core")
 
@@ -131,7 +144,8 @@ def run_core(config: EngineConfig, addresses: CoreAddresses, ready, log_level: s
         sock.setsockopt(zmq.SNDHWM, 0)  # never drop or block: a slow API process only queues
         sock.bind(address)
         outboxes.append(sock)
-    info = CoreInfo(str(core.model_dir), str(core.tokenizer_dir), core.config.max_model_len, core.vocab_size, core.config.max_logprobs,
+    info = CoreInfo(str(core.model_dir), str(core.tokenizer_dir), core.config.max_model_len, core.vocab_size,
+                    core.config.max_logprobs,
                     core.config.max_num_seqs, sorted(core.eos_token_ids), core.get_stats(),
                     enable_lora=registry is not None, adapters=registry.adapters() if registry else [])
     ready.send(("ready", msgspec.msgpack.encode(info)))

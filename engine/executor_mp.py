@@ -30,8 +30,8 @@ import msgspec
 import zmq
 
 from engine.config import EngineConfig
-from engine.executor import WorkerFailure
 from engine.distributed.worker_process import CALL, ERROR, READY, RESULT, STEP, STOP, WorkerArgs, worker_main
+from engine.executor import WorkerFailure
 from engine.scheduler_output import ModelRunnerOutput, SchedulerOutput, encode
 
 log = logging.getLogger("engine")

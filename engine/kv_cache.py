@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.config import GiB, ConfigError, EngineConfig
+from engine.config import ConfigError, EngineConfig, GiB
 from engine.distributed.state import SINGLE, ParallelRank
 from engine.models.llama import head_dim_of, local_kv_heads
 
@@ -55,7 +55,8 @@ class MemoryProfile:
     def describe(self) -> str:
         g = lambda b: f"{b / GiB:.2f} GiB"  # noqa: E731
         earlier = f"earlier allocations {g(self.earlier)} + " if self.earlier else ""
-        return (f"{g(self.budget)} ({self.utilization:g} of {g(self.total)}) = {earlier}weights {g(self.weights)} + batch "
+        return (f"{g(self.budget)} ({self.utilization:g} of {g(self.total)}) = {earlier}weights {g(self.weights)} "
+                f"+ batch "
                 f"buffers {g(self.batch_buffers)} + activation peak {g(self.activation_peak)} + non-torch "
                 f"{g(self.non_torch)} + CUDA graphs {g(self.cuda_graphs)} + KV cache {g(self.kv_budget)}")
 

@@ -59,13 +59,15 @@ def load_tokenizer(path: Path):
 
 
 def build_model(hf_config, dtype: torch.dtype, device: torch.device, model_dir: Path, load_format: str,
-                seed: int, par: ParallelRank = SINGLE) -> nn.Module:
+                seed: int, quant_config=None, par: ParallelRank = SINGLE) -> nn.Module:
+    """`quant_config`: the checkpoint's QuantConfig (engine/quantization/config.py), None when dense;
+    `par`: this worker's place in the tensor/pipeline grid (it builds and loads only its shard)."""
     model_cls = ARCHITECTURES[hf_config.architectures[0]]
     with torch.device(device):
         default_dtype = torch.get_default_dtype()
         torch.set_default_dtype(dtype)
         try:
-            model = model_cls(hf_config, par)
+            model = model_cls(hf_config, par, quant_config)
         finally:
             torch.set_default_dtype(default_dtype)
     if load_format == "dummy":
@@ -78,7 +80,14 @@ def build_model(hf_config, dtype: torch.dtype, device: torch.device, model_dir: 
 def init_dummy_weights(model: nn.Module, seed: int) -> None:
     """vLLM's --load-format dummy: random weights of the right shapes; speed depends on shapes only."""
     generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+    quantized = set()
+    for name, module in model.named_modules():
+        if isinstance(module, Linear) and hasattr(module.method, "init_dummy"):
+            module.method.init_dummy(module, generator)
+            quantized |= {f"{name}.{p}" for p, _ in module.named_parameters()}
     for name, param in model.named_parameters():
+        if name in quantized:
+            continue
         if name.endswith("norm.weight") or "layernorm" in name:
             param.data.fill_(1.0)
         else:
@@ -134,15 +143,12 @@ def _load_one(model: nn.Module, params: dict, name: str, lazy: LazyTensor) -> tu
         if f".{piece}." in name:
             target, shard = name.replace(f".{piece}.", f".{merged}."), index
             break
-    module_name, param_name = target.rsplit(".", 1)
-    try:
-        module = model.get_submodule(module_name)
-    except AttributeError:
-        module = None
+    module_name, param_name = target.rsplit(".", 1) if "." in target else ("", target)
+    module = _submodule(model, module_name)
     if hasattr(module, "load_checkpoint") and param_name in ("weight", "bias"):
         module.load_checkpoint(param_name, shard, lazy)  # a row-parallel bias: only tensor rank 0 holds one
         return target, shard
-    if target != name:
+    if isinstance(module, Linear):  # dense or quantized: the layer's method knows its layout
         module.load_shard(param_name, shard, lazy.read())
         return target, shard
     tensor = lazy.read()
@@ -154,3 +160,10 @@ def _load_one(model: nn.Module, params: dict, name: str, lazy: LazyTensor) -> tu
                           f"the model expects {tuple(param.shape)}")
     param.data.copy_(tensor)
     return name, 0
+
+
+def _submodule(model: nn.Module, name: str) -> nn.Module | None:
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        return None

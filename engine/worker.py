@@ -33,6 +33,7 @@ from engine.lora.request import LoRARequest
 from engine.model_loader import build_model
 from engine.model_runner import ModelRunner, PendingOutput, graph_batch_sizes
 from engine.scheduler_output import SchedulerOutput
+from engine.spec_decode.build import build_spec_decoder
 from engine.step_timer import StepTimer
 
 log = logging.getLogger("engine")
@@ -57,24 +58,34 @@ class Worker:
         allocated = torch.cuda.memory_allocated if cuda else (lambda: 0)
         self.earlier = allocated()  # this process's tensors from before (another engine, a benchmark's)
         model = build_model(config.hf_config, config.torch_dtype, self.device, model_dir, config.load_format,
-                            config.seed, par)
+                            config.seed, config.quant_config, par)
         # The adapters' GPU slots are weights too (allocated once, whatever the batch).
         self.lora = LoRAManager(model, LoRASettings(config.max_loras, config.max_lora_rank, config.max_cpu_loras),
                                 config.torch_dtype, self.device) if config.enable_lora else None
+        # Speculative decoding's proposer (a draft model's weights count as weights).
+        spec = build_spec_decoder(config, self.device) if config.speculative is not None else None
         self.weights = allocated() - self.earlier
         stage = PipelineStage(par, config.hf_config.hidden_size, config.torch_dtype, self.device) \
             if par.pp_size > 1 else None
         self.runner = ModelRunner(config, model, self.device, timer, self.lora, stage)
+        self.runner.spec = spec
         # A later pipeline stage's graph would have to start from received activations: eager for now.
         self.use_graphs = cuda and not config.enforce_eager and par.pp_size == 1
         self.batch_buffers = allocated() - self.earlier - self.weights
         self.memory_profile: MemoryProfile | None = None
 
     # ---------------------------------------------------------------- memory and cache
+    @property
+    def draft(self):
+        """The draft-model proposer, whose KV cache shares the budget (None without one)."""
+        spec = self.runner.spec
+        return getattr(spec, "proposer", None) if spec is not None and hasattr(spec.proposer, "kv_caches") else None
+
     def determine_num_blocks(self) -> int:
-        if self.device.type != "cuda":
-            return num_blocks_for(self.config, None, self.par)
-        return num_blocks_for(self.config, self._profile().kv_budget, self.par)
+        budget = None if self.device.type != "cuda" else self._profile().kv_budget
+        if self.draft is not None:  # one rank only (speculation is refused with more)
+            return self.draft.split_kv_budget(self.config, budget)
+        return num_blocks_for(self.config, budget, self.par)
 
     @torch.inference_mode()
     def _profile(self) -> MemoryProfile:
@@ -123,11 +134,14 @@ class Worker:
 
     def initialize_cache(self, num_blocks: int) -> None:
         self.runner.bind_cache(allocate_kv_cache(self.config, num_blocks, self.device, self.par))
+        if self.draft is not None:
+            self.draft.initialize_cache(num_blocks)
         if self.use_graphs:
             taken = self.runner.capture_graphs()
             profiled = self.memory_profile.cuda_graphs if self.memory_profile else 0
             log.info("CUDA graphs took %.2f GiB (%.2f GiB set aside by the profile); KV cache %d blocks of %.3f MiB",
-                     taken / (1 << 30), profiled / (1 << 30), num_blocks, bytes_per_block(self.config, self.par) / (1 << 20))
+                     taken / (1 << 30), profiled / (1 << 30), num_blocks,
+                     bytes_per_block(self.config, self.par) / (1 << 20))
 
     # ---------------------------------------------------------------- steps
     def execute_model(self, plan: SchedulerOutput) -> PendingOutput:
@@ -140,4 +154,6 @@ class Worker:
         self.lora.remove(lora_int_id)
 
     def shutdown(self) -> None:
+        if self.draft is not None:
+            self.draft.release()
         self.runner.release()

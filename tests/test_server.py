@@ -1,6 +1,5 @@
 """The OpenAI-compatible server as a real process, driven by the official openai client."""
 import asyncio
-import json
 import signal
 import socket
 import time

@@ -66,14 +66,14 @@ def worker_main(args: WorkerArgs) -> None:
     except BaseException:
         outbox.send_multipart([ERROR, rank, traceback.format_exc().encode()])
         outbox.close(linger=2000)
-        raise SystemExit(1)
+        raise SystemExit(1) from None
     outbox.send_multipart([READY, rank, b""])
     try:
         serve(worker, args, inbox, outbox, rank)
     except BaseException:
         outbox.send_multipart([ERROR, rank, traceback.format_exc().encode()])
         outbox.close(linger=2000)
-        raise SystemExit(1)
+        raise SystemExit(1) from None
     worker.shutdown()
     outbox.close(linger=1000)
     inbox.close(linger=0)

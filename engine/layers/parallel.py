@@ -92,11 +92,11 @@ class ColumnParallelLinear(Linear):
 
 
 def qkv_parallel_linear(hidden_size: int, num_heads: int, num_kv_heads: int, head_dim: int, par: ParallelRank,
-                        bias: bool) -> ColumnParallelLinear:
+                        bias: bool, method=None) -> ColumnParallelLinear:
     q = head_slice(num_heads, head_dim, par)
     kv = head_slice(num_kv_heads, head_dim, par)
     return ColumnParallelLinear(hidden_size, [num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim],
-                                par, bias, slices=[q, kv, kv])
+                                par, bias, method=method, slices=[q, kv, kv])
 
 
 class RowParallelLinear(Linear):

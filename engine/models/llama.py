@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
-from kernels import activation
 from engine.distributed.stage import IntermediateTensors
 from engine.distributed.state import SINGLE, ParallelRank
 from engine.layers.attention import Attention, AttentionMetadata
+from engine.layers.linear import linear_method
 from engine.layers.norm import RMSNorm
 from engine.layers.parallel import (
     ColumnParallelLinear,
@@ -26,6 +25,7 @@ from engine.layers.parallel import (
     qkv_parallel_linear,
 )
 from engine.layers.rotary import RotaryEmbedding, rope_settings
+from kernels import activation
 
 
 def head_dim_of(config) -> int:
@@ -42,7 +42,8 @@ def local_kv_heads(config, par: ParallelRank) -> int:
 
 
 class DecoderAttention(nn.Module):
-    def __init__(self, config, qkv_bias: bool, o_bias: bool, par: ParallelRank = SINGLE):
+    def __init__(self, config, qkv_bias: bool, o_bias: bool, par: ParallelRank = SINGLE, quant=None,
+                 prefix: str = ""):
         super().__init__()
         self.num_heads = config.num_attention_heads // par.tp_size
         self.num_kv_heads = local_kv_heads(config, par)
@@ -50,8 +51,10 @@ class DecoderAttention(nn.Module):
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         self.sizes = [q_size, kv_size, kv_size]
         self.qkv_proj = qkv_parallel_linear(config.hidden_size, config.num_attention_heads, num_kv_heads_of(config),
-                                            self.head_dim, par, qkv_bias)
-        self.o_proj = RowParallelLinear(config.num_attention_heads * self.head_dim, config.hidden_size, par, o_bias)
+                                            self.head_dim, par, qkv_bias,
+                                            linear_method(quant, f"{prefix}.qkv_proj", ("q_proj", "k_proj", "v_proj")))
+        self.o_proj = RowParallelLinear(config.num_attention_heads * self.head_dim, config.hidden_size, par, o_bias,
+                                        method=linear_method(quant, f"{prefix}.o_proj"))
         theta, scaling = rope_settings(config)
         self.rotary = RotaryEmbedding(self.head_dim, config.max_position_embeddings, theta, scaling)
         self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim)
@@ -67,12 +70,15 @@ class DecoderAttention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, config, par: ParallelRank = SINGLE):
+    def __init__(self, config, par: ParallelRank = SINGLE, quant=None, prefix: str = ""):
         super().__init__()
         inter = config.intermediate_size
         bias = getattr(config, "mlp_bias", False)
-        self.gate_up_proj = ColumnParallelLinear(config.hidden_size, [inter, inter], par, bias)
-        self.down_proj = RowParallelLinear(inter, config.hidden_size, par, bias)
+        self.gate_up_proj = ColumnParallelLinear(
+            config.hidden_size, [inter, inter], par, bias,
+            method=linear_method(quant, f"{prefix}.gate_up_proj", ("gate_proj", "up_proj")))
+        self.down_proj = RowParallelLinear(inter, config.hidden_size, par, bias,
+                                           method=linear_method(quant, f"{prefix}.down_proj"))
 
     def forward(self, x: torch.Tensor, lora=None) -> torch.Tensor:
         gate_up = self.gate_up_proj(x, lora)
@@ -81,10 +87,11 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config, qkv_bias: bool, o_bias: bool, par: ParallelRank = SINGLE):
+    def __init__(self, config, qkv_bias: bool, o_bias: bool, par: ParallelRank = SINGLE, quant=None,
+                 prefix: str = ""):
         super().__init__()
-        self.self_attn = DecoderAttention(config, qkv_bias, o_bias, par)
-        self.mlp = MLP(config, par)
+        self.self_attn = DecoderAttention(config, qkv_bias, o_bias, par, quant, f"{prefix}.self_attn")
+        self.mlp = MLP(config, par, quant, f"{prefix}.mlp")
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -100,13 +107,14 @@ class DecoderLayer(nn.Module):
 
 
 class DecoderModel(nn.Module):
-    def __init__(self, config, qkv_bias: bool, o_bias: bool, par: ParallelRank = SINGLE):
+    def __init__(self, config, qkv_bias: bool, o_bias: bool, par: ParallelRank = SINGLE, quant=None):
         super().__init__()
         self.par = par
         self.layer_range = par.layer_range(config.num_hidden_layers)
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, par) \
             if par.is_first_stage else None
-        self.layers = nn.ModuleList(DecoderLayer(config, qkv_bias, o_bias, par) for _ in self.layer_range)
+        self.layers = nn.ModuleList(DecoderLayer(config, qkv_bias, o_bias, par, quant, f"model.layers.{i}")
+                                    for i in self.layer_range)
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps) if par.is_last_stage else None
 
     def forward(self, input_ids, positions, meta, lora=None, intermediate: IntermediateTensors | None = None):
@@ -128,12 +136,15 @@ class LlamaForCausalLM(nn.Module):
     packed_shards = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
                      "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
 
-    def __init__(self, config, par: ParallelRank = SINGLE):
+    def __init__(self, config, par: ParallelRank = SINGLE, quant_config=None):
+        """`par`: this rank's place in the tensor/pipeline grid; `quant_config`: the checkpoint's
+        QuantConfig (AWQ/GPTQ decoder linears; embeddings and the LM head stay dense, as those formats
+        keep them), or None."""
         super().__init__()
         self.config = config
         self.par = par
         attention_bias = bool(getattr(config, "attention_bias", False))
-        self.model = DecoderModel(config, self.always_qkv_bias or attention_bias, attention_bias, par)
+        self.model = DecoderModel(config, self.always_qkv_bias or attention_bias, attention_bias, par, quant_config)
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
         self.lm_head = ParallelLMHead(config.hidden_size, config.vocab_size, par) if par.is_last_stage else None
         if self.tie_word_embeddings and self.lm_head is not None and self.model.embed_tokens is not None:
