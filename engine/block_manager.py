@@ -131,6 +131,18 @@ class BlockManager:
         seq.block_table = []
         seq.block_hashes = []
 
+    def trim(self, seq: Sequence, num_blocks: int) -> None:
+        """Drop `seq`'s blocks past the first `num_blocks` (the KV of rejected draft tokens). They were
+        never registered in the prefix cache: only full blocks of known tokens are."""
+        assert len(seq.block_hashes) <= num_blocks, "a registered block cannot be trimmed"
+        for block_id in reversed(seq.block_table[num_blocks:]):
+            block = self.blocks[block_id]
+            block.ref_count -= 1
+            assert block.ref_count >= 0, f"block {block_id} ref_count went negative"
+            if block.ref_count == 0:
+                self.free_blocks[block_id] = None
+        del seq.block_table[num_blocks:]
+
     def reset_prefix_cache(self) -> bool:
         """Forget every cached block (vLLM's /reset_prefix_cache), so the next request starts cold.
         Blocks in use keep their contents for their sequences but are no longer found by lookups."""

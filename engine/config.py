@@ -8,18 +8,12 @@ from typing import Any
 
 import torch
 
+from engine.spec_decode.config import SpecConfigError, SpeculativeConfig, build_speculative_config
+
 GiB = 1 << 30
 
-# Options whose capability has not landed yet. They are accepted by name (so vLLM code and
-# command lines parse) and refused with a clear error when set to anything but the default.
-NOT_YET_SUPPORTED = {
-    "quantization": (None, "AWQ/GPTQ 4-bit weights"),
-    "speculative_model": (None, "speculative decoding"),
-    "speculative_config": (None, "speculative decoding"),
-    "num_speculative_tokens": (None, "speculative decoding"),
-    "tensor_parallel_size": (1, "tensor parallelism"),
-    "pipeline_parallel_size": (1, "pipeline parallelism"),
-}
+
+EXECUTOR_BACKENDS = ("uni", "mp", "ray")  # vLLM's --distributed-executor-backend choices
 
 DTYPES = {"float16": torch.float16, "half": torch.float16, "bfloat16": torch.bfloat16,
           "float32": torch.float32, "float": torch.float32}
@@ -65,22 +59,28 @@ class EngineConfig:
     max_loras: int = 1
     max_lora_rank: int = 16
     max_cpu_loras: int | None = None
-    # Not yet supported (see NOT_YET_SUPPORTED).
-    quantization: str | None = None
-    speculative_model: str | None = None
-    speculative_config: dict | None = None
+    # Speculative decoding (engine/spec_decode/): vLLM's dict (or JSON text), or its older flags.
+    speculative_config: dict | str | None = None
+    speculative_model: str | None = None  # "[ngram]" for prompt lookup, else a draft model
     num_speculative_tokens: int | None = None
+    ngram_prompt_lookup_max: int | None = None
+    ngram_prompt_lookup_min: int | None = None
+    # AWQ/GPTQ checkpoints are detected from config.json; when given, this must name the checkpoint's
+    # method ("awq", "gptq", or vLLM's aliases "awq_marlin", "gptq_marlin").
+    quantization: str | None = None
+    # Parallelism (engine/distributed/): tensor-parallel ranks per pipeline stage, pipeline stages, and
+    # how the workers run (None: in this process for one rank, worker processes ("mp") for more).
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
+    distributed_executor_backend: str | None = None
     # Filled in by resolve() from the checkpoint and the device.
     hf_config: Any = field(default=None, repr=False)
     torch_dtype: torch.dtype | None = field(default=None, repr=False)
+    quant_config: Any = field(default=None, repr=False)  # engine/quantization/config.py QuantConfig, or None
+    # Built by __post_init__ from the speculative settings above (None: off).
+    speculative: SpeculativeConfig | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
-        for name, (default, what) in NOT_YET_SUPPORTED.items():
-            if getattr(self, name) != default:
-                raise ConfigError(f"{name}={getattr(self, name)!r} is not supported yet: {what} has not landed in "
-                                  f"this engine. Leave {name} at its default ({default!r}).")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ConfigError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.block_size not in (8, 16, 32, 64, 128):
@@ -96,10 +96,56 @@ class EngineConfig:
         self._check_lora()
         if self.trust_remote_code:
             _note_no_remote_code()
+        from engine.quantization.config import normalize_option
+
+        normalize_option(self.quantization)  # a bad name fails before anything loads
+        try:
+            self.speculative = build_speculative_config(
+                self.speculative_config, self.speculative_model, self.num_speculative_tokens,
+                self.ngram_prompt_lookup_max, self.ngram_prompt_lookup_min)
+        except SpecConfigError as exc:
+            raise ConfigError(str(exc)) from None
         if self.device == "auto":
             self.device = "cuda" if torch.cuda.is_available() else "cpu"
         if self.device == "cuda" and not torch.cuda.is_available():
             raise ConfigError("device='cuda' was asked for but torch sees no CUDA device")
+        self._check_parallel()
+
+    @property
+    def world_size(self) -> int:
+        return self.tensor_parallel_size * self.pipeline_parallel_size
+
+    @property
+    def executor_backend(self) -> str:
+        """'uni' (the worker in this process) or 'mp' (one worker process per rank)."""
+        return self.distributed_executor_backend or ("uni" if self.world_size == 1 else "mp")
+
+    def _check_parallel(self) -> None:
+        for name in ("tensor_parallel_size", "pipeline_parallel_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        backend = self.distributed_executor_backend
+        if backend is not None and backend not in EXECUTOR_BACKENDS:
+            raise ConfigError(f"distributed_executor_backend must be one of {', '.join(EXECUTOR_BACKENDS)}; "
+                              f"got {backend!r}")
+        if backend == "ray":
+            raise ConfigError("distributed_executor_backend='ray' needs Ray, which this engine does not drive (and is "
+                              "not installed here); use 'mp' (worker processes on this host)")
+        if backend == "uni" and self.world_size > 1:
+            raise ConfigError(f"distributed_executor_backend='uni' runs one worker in this process, but "
+                              f"tensor_parallel_size x pipeline_parallel_size = {self.world_size}; use 'mp'")
+        if self.world_size > 1 and self.enable_lora:
+            raise ConfigError("enable_lora with tensor_parallel_size or pipeline_parallel_size > 1 is not supported "
+                              "yet: LoRA adapters are not sharded")
+        if self.world_size > 1 and self.quantization is not None:
+            raise ConfigError("quantization with tensor_parallel_size or pipeline_parallel_size > 1 is not supported "
+                              "yet: quantized weights are not sharded")
+        if self.world_size > 1 and self.speculative is not None:
+            raise ConfigError("speculative decoding with tensor_parallel_size or pipeline_parallel_size > 1 is not "
+                              "supported yet: the draft model runs in the engine's one worker")
+        if self.device == "cuda" and self.world_size > torch.cuda.device_count():
+            raise ConfigError(f"tensor_parallel_size x pipeline_parallel_size = {self.world_size} needs as many GPUs; "
+                              f"torch sees {torch.cuda.device_count()}")
 
     def _check_lora(self) -> None:
         if self.max_loras < 1:
@@ -113,11 +159,22 @@ class EngineConfig:
 
     @classmethod
     def field_names(cls) -> set[str]:
-        return {f.name for f in fields(cls)} - {"hf_config", "torch_dtype"}
+        return {f.name for f in fields(cls)} - {"hf_config", "torch_dtype", "quant_config", "speculative"}
+
+    @property
+    def num_spec_tokens(self) -> int:
+        """Draft tokens a request may verify per step (0: no speculative decoding)."""
+        return self.speculative.num_speculative_tokens if self.speculative else 0
 
     def resolve(self, hf_config: Any) -> None:
         """Fill in what depends on the checkpoint: dtype, max_model_len, the token budget."""
+        from engine.quantization.config import resolve as resolve_quantization
+
         self.hf_config = hf_config
+        self.quant_config = resolve_quantization(self.quantization, hf_config)
+        if self.quant_config is not None and self.world_size > 1:  # detected from the checkpoint's config.json
+            raise ConfigError(f"{self.quant_config.method.upper()} checkpoints with tensor_parallel_size or "
+                              "pipeline_parallel_size > 1 are not supported yet: quantized weights are not sharded")
         self.torch_dtype = _pick_dtype(self.dtype, hf_config, self.device)
         model_max = int(getattr(hf_config, "max_position_embeddings", 2048) or 2048)
         if self.max_model_len is None:
@@ -138,6 +195,7 @@ class EngineConfig:
                               f"({self.max_num_seqs}) so that every running sequence can decode in one step")
         if self.device == "cpu" and self.kv_cache_memory is None and self.num_gpu_blocks_override is None:
             self.kv_cache_memory = 1 * GiB
+        check_parallel_shapes(hf_config, self.tensor_parallel_size, self.pipeline_parallel_size)
 
     @property
     def name(self) -> str:
@@ -149,6 +207,24 @@ def _note_no_remote_code() -> None:
     logging.getLogger("engine").warning(
         "trust_remote_code=True has no effect: this engine builds its supported architectures itself and never "
         "runs a checkpoint's own code")
+
+
+def check_parallel_shapes(hf_config: Any, tp: int, pp: int) -> None:
+    """The model must split over the ranks: heads and the MLP evenly over tp, KV heads split or replicated
+    evenly, at least one layer per pipeline stage. (The vocabulary needs nothing: its last shard is padded.)"""
+    heads = hf_config.num_attention_heads
+    kv_heads = getattr(hf_config, "num_key_value_heads", None) or heads
+    if heads % tp:
+        raise ConfigError(f"num_attention_heads ({heads}) must be divisible by tensor_parallel_size ({tp})")
+    if kv_heads % tp and tp % kv_heads:
+        raise ConfigError(f"num_key_value_heads ({kv_heads}) must divide or be divisible by "
+                          f"tensor_parallel_size ({tp})")
+    if hf_config.intermediate_size % tp:
+        raise ConfigError(f"intermediate_size ({hf_config.intermediate_size}) must be divisible by "
+                          f"tensor_parallel_size ({tp})")
+    if hf_config.num_hidden_layers < pp:
+        raise ConfigError(f"pipeline_parallel_size ({pp}) exceeds num_hidden_layers ({hf_config.num_hidden_layers}): "
+                          "every stage needs a layer")
 
 
 def _pick_dtype(dtype: str, hf_config: Any, device: str) -> torch.dtype:

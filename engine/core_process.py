@@ -25,10 +25,24 @@ import msgspec
 import zmq
 
 from engine.config import EngineConfig
+from engine.executor import WorkerFailure
 from engine.lora.registry import LoRARegistry
 from engine.lora.request import LoRAError
-from engine.messages import (ABORT, ADD, LOAD_LORA, RESET_PREFIX_CACHE, SHUTDOWN, UNLOAD_LORA, CallResult, CoreInfo,
-                             CoreOutput, CoreOutputs, CoreRequest, LoadLoRA, UnloadLoRA)
+from engine.messages import (
+    ABORT,
+    ADD,
+    LOAD_LORA,
+    RESET_PREFIX_CACHE,
+    SHUTDOWN,
+    UNLOAD_LORA,
+    CallResult,
+    CoreInfo,
+    CoreOutput,
+    CoreOutputs,
+    CoreRequest,
+    LoadLoRA,
+    UnloadLoRA,
+)
 
 log = logging.getLogger("engine.core")
 
@@ -130,7 +144,8 @@ def run_core(config: EngineConfig, addresses: CoreAddresses, ready, log_level: s
         sock.setsockopt(zmq.SNDHWM, 0)  # never drop or block: a slow API process only queues
         sock.bind(address)
         outboxes.append(sock)
-    info = CoreInfo(str(core.model_dir), str(core.tokenizer_dir), core.config.max_model_len, core.vocab_size, core.config.max_logprobs,
+    info = CoreInfo(str(core.model_dir), str(core.tokenizer_dir), core.config.max_model_len, core.vocab_size,
+                    core.config.max_logprobs,
                     core.config.max_num_seqs, sorted(core.eos_token_ids), core.get_stats(),
                     enable_lora=registry is not None, adapters=registry.adapters() if registry else [])
     ready.send(("ready", msgspec.msgpack.encode(info)))
@@ -242,6 +257,9 @@ class CoreLoop:
         try:
             outputs = self.core.step()
             self.failures = 0
+        except WorkerFailure as exc:  # a worker process is gone: nothing can run any more
+            log.error("the engine's workers failed; the engine core exits: %s", exc)
+            raise SystemExit(f"the engine's workers failed: {exc}") from exc
         except Exception as exc:  # a fault outside one request: fail what runs, keep serving
             self.failures += 1
             log.exception("engine step failed (%d in a row)", self.failures)

@@ -66,6 +66,10 @@ class BlockTable:
         self.num_blocks[row] = start + len(block_ids)
         self._dirty = True
 
+    def truncate(self, row: int, num_blocks: int) -> None:
+        """Keep the row's first `num_blocks` (the scheduler freed the rest: rejected draft tokens')."""
+        self.num_blocks[row] = min(self.num_blocks[row], num_blocks)
+
     def swap(self, i: int, j: int) -> None:
         self.host[[i, j]] = self.host[[j, i]]
         self.num_blocks[[i, j]] = self.num_blocks[[j, i]]
@@ -102,6 +106,9 @@ class InputBatch:
         self.num_prompt_tokens = np.zeros(n, dtype=np.int32)
         self.num_computed_tokens = np.zeros(n, dtype=np.int32)  # at the start of the current step
         self.num_scheduled_tokens = np.zeros(n, dtype=np.int32)
+        # Draft tokens the row verifies this step: written in token_ids after its num_tokens, and
+        # scheduled after its newest token (speculative decoding; engine/spec_decode/).
+        self.num_draft_tokens = np.zeros(n, dtype=np.int32)
         # The token a row sampled in step `pending_step` (position `pending_pos`) is row
         # `pending_index` of that step's output tensor, on the device.
         self.pending_step = np.full(n, -1, dtype=np.int64)
@@ -112,7 +119,7 @@ class InputBatch:
         self.sampling = SamplingRows(n, vocab_size, device, pin)
         self._row_arrays = [self.token_ids, self.num_tokens, self.num_host_tokens, self.num_prompt_tokens,
                             self.num_computed_tokens, self.num_scheduled_tokens, self.pending_step,
-                            self.pending_pos, self.pending_index, self.lora_ids]
+                            self.pending_pos, self.pending_index, self.lora_ids, self.num_draft_tokens]
 
     def __len__(self) -> int:
         return len(self.row_of)
@@ -208,7 +215,8 @@ class InputBatch:
             rid = self.req_ids[row]
             assert rid is not None and self.row_of[rid] == row, (row, rid)
             assert self.num_host_tokens[row] <= self.num_tokens[row]
-            assert self.num_computed_tokens[row] + self.num_scheduled_tokens[row] <= self.num_tokens[row]
+            assert (self.num_computed_tokens[row] + self.num_scheduled_tokens[row]
+                    <= self.num_tokens[row] + self.num_draft_tokens[row])
             assert self.sampling.requests[row] is not None
         assert all(r is None for r in self.req_ids[self.num_rows:])
 
@@ -218,8 +226,6 @@ def apply_plan(batch: InputBatch, requests: dict[str, RequestState], plan: Sched
     """Apply a step plan to the batch (and to `requests`, the worker's record of every live request):
     rows leave, rows come in, the rest take their diffs; then the rows are condensed and the decode
     rows put first. Returns the number of decode rows."""
-    if plan.scheduled_spec_tokens:
-        raise NotImplementedError("this worker cannot verify draft tokens yet (speculative decoding has not landed)")
     for rid in plan.finished_req_ids:
         batch.remove(rid)
         requests.pop(rid, None)
@@ -240,8 +246,16 @@ def apply_plan(batch: InputBatch, requests: dict[str, RequestState], plan: Sched
         rows = np.fromiter((row_of[r] for r in cached.req_ids), dtype=np.int64, count=len(cached.req_ids))
         batch.num_computed_tokens[rows] = cached.num_computed_tokens
         batch.num_scheduled_tokens[rows] = cached.num_scheduled_tokens
+        for rid, kept in cached.num_blocks_kept.items():
+            batch.block_table.truncate(row_of[rid], kept)
         for rid, block_ids in cached.new_block_ids.items():
             batch.block_table.append(row_of[rid], block_ids)
+    batch.num_draft_tokens[:] = 0
+    for rid, drafts in plan.scheduled_spec_decode_tokens.items():
+        row = batch.row_of[rid]
+        start = batch.num_tokens[row]
+        batch.token_ids[row, start:start + len(drafts)] = drafts
+        batch.num_draft_tokens[row] = len(drafts)
     batch.condense()
     return batch.order_decodes_first()
 

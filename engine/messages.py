@@ -68,6 +68,11 @@ class EngineStats(msgspec.Struct, array_like=True):
     generation_tokens_total: int
     num_steps_total: int
     scheduled_tokens_total: int
+    # Speculative decoding (vLLM's counters; per_pos is empty when it is off)
+    spec_decode_num_drafts_total: int = 0
+    spec_decode_num_draft_tokens_total: int = 0
+    spec_decode_num_accepted_tokens_total: int = 0
+    spec_decode_num_accepted_tokens_per_pos: list[int] = []
 
 
 class LoadLoRA(msgspec.Struct, array_like=True, omit_defaults=True):

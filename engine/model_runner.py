@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from engine.config import EngineConfig
+from engine.distributed.stage import PipelineStage
 from engine.input_batch import InputBatch, RequestState, apply_plan, host_array
 from engine.layers.attention import AttentionMetadata
 from engine.lora.layers import LoRAMapping
@@ -104,6 +105,18 @@ class StepInputs:
     prompt_rows: list[PromptRows]  # rows that score prompt tokens (requests with prompt_logprobs)
     prompt_scores: TokenScores | None = None  # their scores, once the model ran
     lora: LoRAMapping | None = None  # each token's adapter slot (None: no adapter in this eager step)
+    # [rows] draft tokens each row verifies (None: none this step). Such a step has a token per draft
+    # beyond one a row, so it never replays a decode CUDA graph: verification runs eager.
+    num_drafts: np.ndarray | None = None
+
+
+def verify_indices(cu: np.ndarray, num_drafts: np.ndarray) -> np.ndarray:
+    """The hidden rows to project: each row's last 1 + num_drafts tokens (its drafts' positions, whose
+    logits verify the next draft, and its last, which samples the bonus), rows in order."""
+    counts = 1 + num_drafts.astype(np.int64)
+    starts = np.repeat(cu[1:] - counts, counts)
+    offsets = np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts)
+    return starts + offsets
 
 
 class PendingOutput:
@@ -162,21 +175,23 @@ class PendingOutput:
 
 class ModelRunner:
     def __init__(self, config: EngineConfig, model: torch.nn.Module, device: torch.device,
-                 timer: StepTimer | None = None, lora: LoRAManager | None = None):
+                 timer: StepTimer | None = None, lora: LoRAManager | None = None, stage: PipelineStage | None = None):
+        """`stage`: this worker's link to its pipeline neighbours (None: the whole model is here)."""
         self.config = config
         self.model = model
+        self.stage = stage
         self.device = device
         self.timer = timer or StepTimer()
         self.block_size = config.block_size
         self.max_blocks_per_seq = (config.max_model_len + self.block_size - 1) // self.block_size
         self.vocab_size = config.hf_config.vocab_size
         self.batch = InputBatch(config.max_num_seqs, config.max_model_len, self.max_blocks_per_seq, self.vocab_size,
-                                device)
+                                device, config.num_spec_tokens)
         self.requests: dict[str, RequestState] = {}  # every request the core has sent and not finished
         self.sampler = Sampler(config.seed, device)
         seqs, tokens = config.max_num_seqs, max(config.max_num_batched_tokens, config.max_num_seqs)
-        self.staging64 = Staging({"logits_indices": seqs, "gather_dst": seqs, "gather_src": seqs,
-                                  "input_ids": tokens, "positions": tokens, "slot_mapping": tokens},
+        self.staging64 = Staging({"logits_indices": seqs * (1 + config.num_spec_tokens), "gather_dst": seqs,
+                                  "gather_src": seqs, "input_ids": tokens, "positions": tokens, "slot_mapping": tokens},
                                  torch.int64, device)
         self.staging32 = Staging({"context_lens": seqs, "cu_seqlens": seqs + 1, "samples": seqs, "blocked": seqs,
                                   "lora_slots": tokens}, torch.int32, device)
@@ -191,6 +206,9 @@ class ModelRunner:
         self._step = 0
         self._prev_tokens: torch.Tensor | None = None  # the last step's sampled tokens, on the device
         self._inputs_copied: torch.cuda.Event | None = None
+        # Speculative decoding's verification and proposals (engine/spec_decode/decoder.py), set by the
+        # worker; None: every row samples one token per step.
+        self.spec = None
 
     def bind_cache(self, caches: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
         """Point every attention layer at its cache tensors ([] unbinds them, so they can be freed)."""
@@ -214,12 +232,17 @@ class ModelRunner:
     @torch.inference_mode()
     def execute_model(self, plan: SchedulerOutput) -> PendingOutput:
         inputs, logits = self.forward_step(plan)
-        if inputs is None:
+        if logits is None:  # nothing scheduled, or a pipeline stage before the last (it samples nothing)
             return PendingOutput([], np.zeros(0, dtype=bool), None, None, self.timer)
         batch, rows = self.batch, inputs.num_rows
+        verify = None
+        if inputs.num_drafts is not None:  # rows with drafts have a logits row per draft before their last
+            logits, verify = self.spec.split_logits(logits, inputs.num_drafts)
         meta = batch.sampling.metadata(rows, inputs.samples, inputs.blocked_flags, inputs.blocked_rows)
         out = self.sampler(logits, meta)
         batch.sampling.record_sampled(out.tokens, rows, inputs.samples_dev)
+        if self.spec is not None:
+            return self.spec.complete_step(self, inputs, out, meta, verify)
         batch.mark_sampled(self._step, inputs.samples)
         self._prev_tokens = out.tokens
         num_logprobs = [r.logprobs for r in batch.sampling.requests[:rows]] if out.logprobs is not None else None
@@ -245,7 +268,10 @@ class ModelRunner:
             self.graphs[inputs.graph_size].replay()
             hidden = self.graph_hidden[:inputs.num_rows]
         else:
-            hidden = self.model(inputs.input_ids, inputs.positions, inputs.meta, inputs.lora)
+            hidden = self._run_model(inputs)
+            if hidden is None:
+                self.timer.lap("forward")
+                return inputs, None
         if inputs.prompt_rows:
             inputs.prompt_scores = score_prompt_rows(self.model.compute_logits, hidden, inputs.prompt_rows,
                                                      self.vocab_size)
@@ -254,6 +280,19 @@ class ModelRunner:
         logits = self.model.compute_logits(hidden)
         self.timer.lap("forward")
         return inputs, logits
+
+    def _run_model(self, inputs: StepInputs) -> torch.Tensor | None:
+        """The eager forward: the final hidden states, or None on a pipeline stage before the last (which
+        sends its activations on to the next stage instead)."""
+        stage = self.stage
+        if stage is None:
+            return self.model(inputs.input_ids, inputs.positions, inputs.meta, inputs.lora)
+        intermediate = None if stage.is_first else stage.receive(inputs.num_tokens)
+        out = self.model(inputs.input_ids, inputs.positions, inputs.meta, inputs.lora, intermediate)
+        if stage.is_last:
+            return out
+        stage.send(out)
+        return None
 
     def _wait_for_input_copies(self) -> None:
         """The host buffers of the previous step's input copies are rewritten now: wait until those
@@ -265,6 +304,8 @@ class ModelRunner:
     # ---------------------------------------------------------------- the plan -> the batch
     def update_states(self, plan: SchedulerOutput) -> None:
         self._num_decodes = apply_plan(self.batch, self.requests, plan, self.device)
+        if self.spec is not None:
+            self.spec.apply_plan(plan)
 
     # ---------------------------------------------------------------- inputs
     def prepare(self) -> StepInputs:
@@ -281,7 +322,10 @@ class ModelRunner:
             tok_row = np.repeat(np.arange(rows), n)
             tok_pos = np.arange(num_tokens) - np.repeat(cu[:-1] - start, n)
         pending = (batch.pending_step[tok_row] == self._step - 1) & (tok_pos == batch.pending_pos[tok_row])
-        if ((tok_pos >= batch.num_host_tokens[tok_row]) & ~pending).any():
+        drafts = batch.num_draft_tokens[:rows]
+        any_drafts = bool(drafts.any())
+        on_host = batch.num_host_tokens[tok_row] + (drafts[tok_row] if any_drafts else 0)
+        if ((tok_pos >= on_host) & ~pending).any():
             raise RuntimeError("a scheduled token is neither on the host nor in the previous step's output")
         gather_dst = np.flatnonzero(pending)
         ctx = start + n
@@ -296,7 +340,9 @@ class ModelRunner:
                 pad_to=padded_tokens, pad_value=-1)
         s32.put("context_lens", ctx, pad_to=padded_rows, pad_value=1)
         s32.put("cu_seqlens", cu if not graph else np.arange(padded_rows + 1))
-        if num_tokens != rows:
+        if any_drafts:  # a logits row for each draft and the newest token (speculative verification)
+            s64.put("logits_indices", verify_indices(cu, drafts))
+        elif num_tokens != rows:
             s64.put("logits_indices", cu[1:] - 1)
         if len(gather_dst):
             s64.put("gather_dst", gather_dst)
@@ -326,12 +372,13 @@ class ModelRunner:
             slot_mapping=s64.dev("slot_mapping", num_tokens), block_tables=batch.block_table.device_table[:rows],
             context_lens=s32.dev("context_lens", rows), cu_seqlens_q=s32.dev("cu_seqlens", rows + 1),
             num_decode_seqs=self._num_decodes, max_query_len=int(n.max()), max_context_len=int(ctx.max()))
+        num_logits = rows + int(drafts.sum()) if any_drafts else rows
         return StepInputs(
             rows, num_tokens, self._num_decodes, input_ids[:num_tokens], s64.dev("positions", num_tokens), meta,
-            None if num_tokens == rows else s64.dev("logits_indices", rows), samples,
+            None if num_tokens == rows else s64.dev("logits_indices", num_logits), samples,
             None if all_sample else s32.dev("samples", rows), blocked,
             None if blocked is None else s32.dev("blocked", rows), graph, self._prompt_rows(start, n, cu),
-            lora=self._lora_mapping(any_lora, padded_tokens, graph))
+            lora=self._lora_mapping(any_lora, padded_tokens, graph), num_drafts=drafts.copy() if any_drafts else None)
 
     def _prompt_rows(self, start: np.ndarray, n: np.ndarray, cu: np.ndarray) -> list[PromptRows]:
         """The step's rows that score prompt tokens (rows of requests with prompt_logprobs only)."""

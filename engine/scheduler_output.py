@@ -70,6 +70,9 @@ class CachedRequestData(msgspec.Struct, array_like=True, omit_defaults=True):
     num_computed_tokens: list[int] = []  # at the start of this step
     num_scheduled_tokens: list[int] = []
     new_block_ids: dict[str, list[int]] = {}  # only the requests that got blocks this step; appended
+    # Requests whose block table was cut back since the last plan (KV of rejected draft tokens):
+    # the row keeps this many blocks, then new_block_ids are appended.
+    num_blocks_kept: dict[str, int] = {}
 
 
 class SchedulerOutput(msgspec.Struct, array_like=True, omit_defaults=True):
@@ -77,8 +80,9 @@ class SchedulerOutput(msgspec.Struct, array_like=True, omit_defaults=True):
     resumed_requests: list[ResumedRequestData] = []
     cached_requests: CachedRequestData = msgspec.field(default_factory=CachedRequestData)
     total_num_scheduled_tokens: int = 0
-    # req_id -> draft tokens to verify this step (speculative decoding; empty until it lands)
-    scheduled_spec_tokens: dict[str, list[int]] = {}
+    # req_id -> the draft tokens a request verifies this step (speculative decoding, vLLM's name): its
+    # num_scheduled_tokens are 1 + len(drafts), its newest token and then the drafts
+    scheduled_spec_decode_tokens: dict[str, list[int]] = {}
     finished_req_ids: list[str] = []  # the workers forget these
     preempted_req_ids: list[str] = []  # rows dropped, blocks freed; they come back as resumed
     unscheduled_req_ids: list[str] = []  # rows dropped for a step without tokens; back as resumed
@@ -96,6 +100,8 @@ class ModelRunnerOutput(msgspec.Struct, array_like=True, omit_defaults=True):
     logprobs: list[list[TokenLogprobs]] | None = None  # per request, per sampled token, when a row asked
     # req_id -> the prompt tokens this step scored, in order (requests with prompt_logprobs)
     prompt_logprobs: dict[str, list[TokenLogprobs]] | None = None
+    # req_id -> the drafts proposed for the next step (speculative decoding; requests with none absent)
+    spec_token_ids: dict[str, list[int]] | None = None
 
 
 def encode(message: SchedulerOutput | ModelRunnerOutput) -> bytes:

@@ -56,6 +56,10 @@ class Sequence:
         self.in_batch = False  # a row in the workers' persistent batch since the last step
         self.num_blocks_sent = 0
         self.was_preempted = False  # since it last had a row
+        # Speculative decoding: the drafts proposed for its next step (the workers' proposal), and the
+        # number of blocks its table was cut back to since the last plan (None: not cut).
+        self.spec_token_ids: list[int] = []
+        self.num_blocks_kept: int | None = None
         # Scored prompt tokens (positions 1, 2, ...), gathered step by step from the workers' outputs
         # by output handling and sent with the first token (engine/prompt_logprobs.py).
         self.prompt_logprobs: list | None = [] if params.prompt_logprobs is not None else None
@@ -101,6 +105,20 @@ def advance(seq: Sequence, num_new_tokens: int) -> bool:
         seq._num_tokens += 1
         return True
     return False
+
+
+def advance_spec(seq: Sequence, num_new_tokens: int) -> None:
+    """A step verifies drafts: its newest token and num_new_tokens - 1 drafts are computed. Until the
+    step's outcome is known every draft counts as computed and as a token, plus the one token the
+    step samples after them (engine/spec_decode/scheduling.py takes back the rejected ones)."""
+    seq._num_computed_tokens += num_new_tokens
+    seq._num_tokens = seq._num_computed_tokens + 1
+
+
+def reject_drafts(seq: Sequence, num_rejected: int) -> None:
+    """The step's outcome: `num_rejected` drafts were not accepted; their positions are not computed."""
+    seq._num_computed_tokens -= num_rejected
+    seq._num_tokens -= num_rejected
 
 
 def set_prefix_hit(seq: Sequence, num_cached: int) -> None:

@@ -135,7 +135,8 @@ def decode_partition(num_seqs: int, num_kv_heads: int, max_context_len: int, blo
 
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-                           context_lens: torch.Tensor, scale: float, max_context_len: int | None = None) -> torch.Tensor:
+                           context_lens: torch.Tensor, scale: float,
+                           max_context_len: int | None = None) -> torch.Tensor:
     """Triton version of paged_decode_attention_ref (flash-decoding). CUDA-graph safe when
     max_context_len is given: no host syncs, and scratch sizes depend only on shapes."""
     num_seqs, num_heads, head_dim = q.shape

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import torch
@@ -11,7 +11,7 @@ import torch
 from engine.presets import PRESETS, resolve_model, write_checkpoint
 
 
-@lru_cache(maxsize=None)
+@cache
 def model_dir(name: str) -> Path:
     """A preset, or one of two extra random configs: 'random-qwen2' and 'random-llama'."""
     if name in PRESETS:
@@ -26,7 +26,7 @@ def model_dir(name: str) -> Path:
     return out
 
 
-@lru_cache(maxsize=None)
+@cache
 def hf_model(name: str):
     from transformers import AutoModelForCausalLM
 

@@ -2,7 +2,7 @@
 a direct prefill through our model with a LoRA mapping (no scheduler, no runner)."""
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import torch
@@ -13,11 +13,12 @@ from engine.lora.synthetic import write_adapter
 from tests.engine_helpers import model_dir
 
 # name -> (rank, targets, use_rslora): ranks 8 and 16, some projections only, rsLoRA, rank 1.
-ADAPTERS = {"qv8": (8, ["q_proj", "v_proj"], False), "all16": (16, None, False), "mlp4rs": (4, ["gate_proj", "up_proj", "down_proj"], True),
+ADAPTERS = {"qv8": (8, ["q_proj", "v_proj"], False), "all16": (16, None, False),
+            "mlp4rs": (4, ["gate_proj", "up_proj", "down_proj"], True),
             "k1": (1, ["k_proj", "o_proj"], False)}
 
 
-@lru_cache(maxsize=None)
+@cache
 def adapter_dir(model: str, name: str, seed: int = 0) -> Path:
     rank, targets, rslora = ADAPTERS[name]
     out = model_dir(model).parent / f"test-lora-{model}-{name}-{seed}"
@@ -26,7 +27,7 @@ def adapter_dir(model: str, name: str, seed: int = 0) -> Path:
     return out
 
 
-@lru_cache(maxsize=None)
+@cache
 def peft_model(model: str, name: str):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -63,7 +64,8 @@ def prefill_logits(model: torch.nn.Module, prompts: list[list[int]], slots: list
     cu = [0]
     for p in prompts:
         cu.append(cu[-1] + len(p))
-    meta = AttentionMetadata(slot_mapping=torch.tensor(slot_mapping), block_tables=torch.tensor(tables, dtype=torch.int32),
+    meta = AttentionMetadata(slot_mapping=torch.tensor(slot_mapping),
+                             block_tables=torch.tensor(tables, dtype=torch.int32),
                              context_lens=torch.tensor([len(p) for p in prompts], dtype=torch.int32),
                              cu_seqlens_q=torch.tensor(cu, dtype=torch.int32), num_decode_seqs=0,
                              max_query_len=max(map(len, prompts)), max_context_len=max(map(len, prompts)))

@@ -35,6 +35,7 @@ class FakeConfig:
         self.enable_chunked_prefill = kw.get("enable_chunked_prefill", True)
         self.enable_lora = kw.get("enable_lora", False)
         self.max_loras = kw.get("max_loras", 1)
+        self.pipeline_parallel_size = kw.get("pipeline_parallel_size", 1)
 
 
 def test_prefix_hits_counted_exactly():
@@ -89,7 +90,7 @@ def test_random_load_never_leaks(seed, prefix):
         steps += 1
         step = sched.schedule()
         assert step.num_tokens <= 20 and len(step.seqs) <= 5
-        for seq, n in zip(step.seqs, step.num_new_tokens):
+        for seq, _n in zip(step.seqs, step.num_new_tokens):
             assert len(seq.block_table) * 4 >= seq.num_computed_tokens  # advanced by the scheduler itself
             assert seq.num_computed_tokens <= seq.num_tokens
         sample_and_stop(sched, step, lambda: rng.randrange(50))

@@ -122,7 +122,8 @@ def test_stop_token_text_is_not_shown_and_offline_text_is_decoded_once(tok):
     ids = tok.encode("Ünïcödé 🙂", add_special_tokens=False)
     for kind in (RequestOutputKind.CUMULATIVE, RequestOutputKind.FINAL_ONLY):
         processor = OutputProcessor(tok)
-        processor.add_request("r", None, [5], SamplingParams(max_tokens=40, skip_special_tokens=False, output_kind=kind),
+        processor.add_request("r", None, [5],
+                              SamplingParams(max_tokens=40, skip_special_tokens=False, output_kind=kind),
                               0.0)
         outs = [CoreOutput("r", [t]) for t in ids] + [CoreOutput("r", [eos], finish_reason="stop")]
         done = run(processor, "r", outs)

@@ -10,7 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from workbench.cli import app
-from workbench.gate import GateError, Rules, Threshold, compare, samples_of
+from workbench.gate.compare import GateError, Rules, Threshold, compare, samples_of
 from workbench.results import BenchResult
 
 METRICS = ["--metric", "output_throughput:-5%", "--metric", "p99_ttft_ms:+10%", "--metric", "num_preemptions:+0"]
@@ -141,7 +141,7 @@ def binomial_slack(p: float) -> float:
 
 
 def test_what_the_exact_test_can_show():
-    from workbench.gate import repeats_needed, smallest_p
+    from workbench.gate.compare import repeats_needed, smallest_p
 
     assert smallest_p(2, 2) == pytest.approx(1 / 6) and smallest_p(3, 3) == pytest.approx(0.05)
     assert repeats_needed(0.05) == 3 and repeats_needed(0.05 / 4) == 5 and repeats_needed(0.05 / 13) == 6
@@ -255,7 +255,7 @@ def history_file(path, values: list[float], device="cpu", metric="output_through
 
 
 def test_history_rule_needs_k_consecutive_violations():
-    from workbench import gate_history
+    from workbench.gate import history as gate_history
 
     t = [Threshold.parse("output_throughput:-5%")]
     rule = gate_history.HistoryRule(window=10, consecutive=3)

@@ -90,8 +90,8 @@ def test_plans_round_trip_through_msgspec():
                                                                      min_tokens=2, min_tokens_stop_ids=[9]),
                                      [0, 1], 0, 3, lora_id=2)],
         resumed_requests=[ResumedRequestData("b", [5], 0, 4, [7, 8], from_preemption=True)],
-        cached_requests=CachedRequestData(["c", "d"], [10, 11], [1, 1], {"d": [6]}),
-        total_num_scheduled_tokens=9, scheduled_spec_tokens={"c": [3, 4]}, finished_req_ids=["e"],
+        cached_requests=CachedRequestData(["c", "d"], [10, 11], [1, 1], {"d": [6]}, {"c": 2}),
+        total_num_scheduled_tokens=9, scheduled_spec_decode_tokens={"c": [3, 4]}, finished_req_ids=["e"],
         preempted_req_ids=["f"], unscheduled_req_ids=["g"])
     assert decode_scheduler_output(encode(plan)) == plan
     out = ModelRunnerOutput(["a", "c"], [[5], []], [[TokenLogprobs(-0.5, 1, [5, 6], [-0.5, -1.0])], []])

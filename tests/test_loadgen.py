@@ -1,6 +1,5 @@
 """The load generator: arithmetic with known answers, arrival statistics, the concurrency cap, failures,
 and whole runs against the null server and our real server."""
-import json
 import math
 import subprocess
 import sys
@@ -63,7 +62,7 @@ def null_server():
     def start(*flags):
         port = free_port()
         proc = subprocess.Popen([sys.executable, "-m", "workbench.loadgen.null_server", "--port", str(port), *flags])
-        from workbench.bench_serve_cmd import _wait_healthy
+        from workbench.bench.ceiling import wait_healthy as _wait_healthy
         _wait_healthy(f"http://127.0.0.1:{port}", proc)
         procs.append(proc)
         return f"http://127.0.0.1:{port}"
@@ -159,3 +158,36 @@ def test_bad_options_exit_2(tmp_path):
     assert r.exit_code == 2 and "workers" in r.output
     r = CliRunner().invoke(app, ["bench", "ceiling", "--workers", "0"])
     assert r.exit_code == 2 and "workers" in r.output and "Traceback" not in r.output
+
+
+def test_the_lag_warning_names_its_cause_for_the_command_and_the_machine():
+    """A blocked event loop is reported with why: `tune` (its own server here, no --workers flag) never
+    suggests --workers; `bench serve` does only where spare cores exist."""
+    import asyncio
+    import time
+
+    from workbench.loadgen.lag import lag_cause
+    from workbench.loadgen.workers import lag_monitor
+
+    local = ServeBenchConfig(base_url="http://127.0.0.1:8000", model="m")
+    remote = ServeBenchConfig(base_url="http://gpu-box:8000", model="m")
+    for cores in (2, 64):
+        tune = lag_cause(local, server_here=True, suggest_workers=False, cores=cores)
+        assert "--workers" not in tune and f"shares this machine's {cores} CPU cores with the server" in tune
+    assert "--workers" not in lag_cause(local, cores=2) and "shares" in lag_cause(local, cores=2)
+    assert "more --workers" in lag_cause(local, cores=16) and "more --workers" in lag_cause(remote, cores=4)
+    assert "--workers" not in lag_cause(remote, cores=1)
+
+    async def blocked() -> list[str]:
+        stop, warnings = asyncio.Event(), []
+        monitor = asyncio.create_task(lag_monitor(stop, warnings, "THE CAUSE"))
+        await asyncio.sleep(0.05)
+        time.sleep(0.3)  # the loop is held: the monitor's 0.1 s sleep wakes late
+        await asyncio.sleep(0.15)
+        stop.set()
+        await monitor
+        return warnings
+
+    warnings = asyncio.run(blocked())
+    assert len(warnings) == 1 and warnings[0].startswith("client event loop lagged ") and \
+        warnings[0].endswith("ms: THE CAUSE")

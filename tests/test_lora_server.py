@@ -1,6 +1,7 @@
 """LoRA through the server: adapters by name (--lora-modules), /v1/models, runtime load and unload
 (vLLM's endpoints, behind the API key and VLLM_ALLOW_RUNTIME_LORA_UPDATING), reuse of a name, and a
 bad adapter that leaves the server healthy."""
+import json
 import os
 
 import httpx
@@ -20,7 +21,8 @@ def server():
     try:
         proc = ServerProcess("tiny", "--enable-lora", "--max-loras", "2", "--api-key", "k", "--api-server-count", "2",
                              "--lora-modules", f"qv8={adapter_dir('tiny', 'qv8')}",
-                             '{"name": "all16", "path": "%s", "base_model_name": "tiny"}' % adapter_dir("tiny", "all16"))
+                             json.dumps({"name": "all16", "path": str(adapter_dir("tiny", "all16")),
+                                         "base_model_name": "tiny"}))
     finally:
         del os.environ["VLLM_ALLOW_RUNTIME_LORA_UPDATING"]
     yield proc

@@ -14,7 +14,7 @@ from engine import LLM, SamplingParams
 from engine.config import ConfigError
 from tests.engine_helpers import hf_greedy
 from tests.server_process import ServerProcess
-from workbench.bench_quality import make_windows, Window
+from workbench.bench.quality import Window, make_windows
 from workbench.cli import app
 from workbench.results import BenchResult
 

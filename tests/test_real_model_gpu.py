@@ -18,7 +18,7 @@ def test_bf16_chat_answers_paris_with_cuda_graphs():
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
 def test_perplexity_equals_transformers_on_gpu(dtype):
-    from workbench.bench_quality import build_parser, run_quality
+    from workbench.bench.quality import build_parser, run_quality
 
     args = build_parser().parse_args(["--model", "smollm2-135m", "--dtype", dtype, "--baseline", "transformers",
                                       "--max-model-len", "2048", "--gpu-memory-utilization", "0.3"])

@@ -15,7 +15,7 @@ from tests.report_fixtures import make_fixtures
 from tests.server_process import free_port
 from workbench.cli import app as cli
 
-APP = str(Path(__file__).resolve().parents[1] / "reports" / "app.py")
+APP = str(Path(__file__).resolve().parents[1] / "workbench" / "report" / "app.py")
 
 
 @pytest.fixture(scope="module")
@@ -126,9 +126,9 @@ def test_offline_page_over_the_committed_results(monkeypatch):
 
 
 def test_many_runs_get_distinct_colours_and_small_multiples():
-    from reports import plots
-    from reports.data import RunFile
     from tests.report_fixtures import serve_result
+    from workbench.report import plots
+    from workbench.report.data import RunFile
 
     assert len(set(plots.colours(12))) == 12 and len(set(plots.colours(30))) == 30
     runs = [RunFile(Path(f"r{i}.json"), serve_result(f"run{i}", 1 + i / 10, i)) for i in range(6)]
@@ -180,3 +180,72 @@ def test_real_browser_renders_the_report(fixtures, tmp_path):
     for title in ("Pareto front (fixture)", "Optimization history (fixture)", "ttft distribution", "Gate history",
                   "Throughput vs transformers and the roofline ceiling", "Latency vs batch size"):
         assert title in text
+
+
+@pytest.mark.parametrize("storage,expected", [
+    ("not-a-url", "not a storage URL; give sqlite:///FILE.db"),
+    ("sqlite:///{tmp}/missing.db", "no such file"),
+    ("sqlite:///{readme}", "file is not a database"),
+    ("journal:{tmp}/missing.log", "no such file"),
+])
+def test_a_bad_storage_is_one_line(tmp_path, storage, expected):
+    storage = storage.format(tmp=tmp_path, readme=Path(__file__).resolve().parents[1] / "README.md")
+    for extra in (["--export", str(tmp_path / "out")], ["--port", str(free_port())]):  # before Streamlit starts
+        r = CliRunner().invoke(cli, ["report", "--storage", storage, "--results", str(tmp_path), *extra])
+        assert r.exit_code == 1 and "Traceback" not in r.output
+        assert r.output.strip().splitlines() == [f"error: storage {storage}: " + r.output.split(": ", 2)[-1].strip()]
+        assert expected in r.output, r.output
+    assert not (tmp_path / "missing.db").exists(), "a reader creates no database"
+
+
+def test_a_missing_postgres_driver_names_the_extra(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "psycopg2", None)  # as if psycopg2 were not installed
+    monkeypatch.setitem(sys.modules, "psycopg", None)
+    for url in ("postgresql+psycopg2://u@127.0.0.1:1/tune", "postgresql://u@127.0.0.1:1/tune"):
+        r = CliRunner().invoke(cli, ["report", "--storage", url, "--results", str(tmp_path), "--export",
+                                     str(tmp_path / "out")])
+        assert r.exit_code == 1 and len(r.output.strip().splitlines()) == 1, r.output
+        assert "the PostgreSQL driver" in r.output and 'pip install -e ".[postgres]"' in r.output
+
+
+def test_sigterm_stops_the_streamlit_child(tmp_path):
+    """A stand-in `streamlit` (first on the path) that starts a grandchild and waits: SIGTERM to
+    `workbench report` must end both, and the command exits 128 + 15."""
+    import signal
+
+    fake = tmp_path / "fake" / "streamlit"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("")
+    pids = tmp_path / "pids"
+    (fake / "__main__.py").write_text(
+        "import os, subprocess, sys, time\n"
+        "child = subprocess.Popen(['sleep', '300'])\n"
+        f"open({str(pids)!r}, 'w').write(f'{{os.getpid()}} {{child.pid}}')\n"
+        "time.sleep(300)\n")
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path / "fake"), str(root)])}
+    proc = subprocess.Popen([sys.executable, "-m", "workbench.cli", "report", "--results", str(tmp_path), "--port",
+                             str(free_port())], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 60
+        while not (pids.is_file() and len(pids.read_text().split()) == 2):
+            assert time.monotonic() < deadline and proc.poll() is None, "the stand-in never started"
+            time.sleep(0.1)
+        children = [int(p) for p in pids.read_text().split()]
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 128 + signal.SIGTERM
+        deadline = time.monotonic() + 10
+        while any(_running(p) for p in children) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not any(_running(p) for p in children), "the Streamlit child or its child outlived the report"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def _running(pid: int) -> bool:
+    """Alive and not a zombie (an orphan's zombie waits for init to reap it)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, IndexError):
+        return False

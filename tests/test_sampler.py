@@ -163,7 +163,8 @@ def test_seeded_draws_do_not_depend_on_the_batch():
     torch.manual_seed(1)
     logits = torch.randn(5, 40)
     seeded = RequestSampling(temperature=1.0, top_p=0.95, seed=7)
-    others = [RequestSampling(temperature=1.0), RequestSampling(temperature=0.7, seed=8), RequestSampling(temperature=0.0),
+    others = [RequestSampling(temperature=1.0), RequestSampling(temperature=0.7, seed=8),
+              RequestSampling(temperature=0.0),
               RequestSampling(temperature=1.3, top_k=4)]
     alone_rows, crowd_rows = state([seeded], 40), state(others[:2] + [seeded] + others[2:], 40)
     alone_sampler, crowd_sampler = Sampler(123, CPU), Sampler(456, CPU)

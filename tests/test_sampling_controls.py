@@ -45,9 +45,9 @@ def test_sampling_params_checks(kw, field):
 def test_a_failing_detokenizer_fails_only_its_request():
     """Output processing runs in the API process's one output loop: one bad request must not stop it."""
     from engine.messages import CoreOutput
+    from engine.model_loader import load_tokenizer
     from engine.output_processor import OutputProcessor
     from engine.presets import resolve_model
-    from engine.model_loader import load_tokenizer
 
     processor = OutputProcessor(load_tokenizer(resolve_model("tiny", with_weights=False)))
     for rid in ("bad", "good"):

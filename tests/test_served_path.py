@@ -137,7 +137,7 @@ def test_served_path_is_not_pathological_on_cpu(tmp_path):
     of offline on this workload; the old one-process server was at 1/12 on the GPU. The best of two
     attempts counts: a systematic slow path fails both, while one run squeezed by another process on
     the 2 cores (torch's threads in the core starve; 0.09 was seen so) does not fail CI."""
-    from workbench.bench_compare import main
+    from workbench.bench.compare import main
 
     ratios = []
     for attempt in range(2):

@@ -188,28 +188,51 @@ def test_reset_prefix_cache(server):
 
 
 def test_max_waiting_requests_sheds_load_with_429():
-    import concurrent.futures
-
-    srv = ServerProcess("tiny", "--max-num-seqs", "2", "--max-waiting-requests", "2", "--max-model-len", "256",
+    srv = ServerProcess("tiny", "--max-num-seqs", "2", "--max-waiting-requests", "2", "--max-model-len", "2048",
                         "--kv-cache-memory", "64MiB")
-    try:
-        def one(_):
-            return httpx.post(srv.url + CMPL, json={"model": "tiny", "prompt": "hi", "max_tokens": 60,
-                                                    "ignore_eos": True}, timeout=60)
+    host, port = srv.url.removeprefix("http://").split(":")
 
-        with concurrent.futures.ThreadPoolExecutor(24) as pool:
-            replies = list(pool.map(one, range(24)))
-        codes = [r.status_code for r in replies]
-        assert codes.count(429) > 0 and codes.count(200) >= 2, codes
-        assert all(r.json()["error"]["type"] == "rate_limit_error" for r in replies if r.status_code == 429)
+    def blocker() -> socket.socket:  # a long streamed request on a raw socket, so the test can hang up at once
+        body = json.dumps({"model": "tiny", "prompt": "hi", "max_tokens": 2000, "ignore_eos": True, "stream": True})
+        sock = socket.create_connection((host, int(port)))
+        sock.sendall(f"POST {CMPL} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+                     f"Content-Length: {len(body)}\r\n\r\n{body}".encode())
+        return sock
+
+    blockers: list[socket.socket] = []
+    try:
+        # Two streaming, then two waiting: the queue is full for as long as the blockers last (thousands of
+        # steps), so every request below must be shed, however slowly a loaded machine sends them.
+        blockers = [blocker(), blocker()]
+        for sock in blockers:  # both streaming: no longer waiting for a first token in the server's count
+            received = b""
+            while b"data:" not in received:
+                received += sock.recv(4096)
+        blockers += [blocker(), blocker()]
+        deadline = time.monotonic() + 60
+        while metric(srv.url, "vllm:num_requests_waiting") < 2:
+            assert time.monotonic() < deadline, "the last two blockers are not waiting"
+            time.sleep(0.05)
+        shed = httpx.post(srv.url + CMPL, json={"model": "tiny", "prompt": "hi", "max_tokens": 4}, timeout=60)
+        assert shed.status_code == 429, shed.text
+        assert shed.json()["error"]["type"] == "rate_limit_error"
         assert httpx.get(srv.url + "/health").status_code == 200
         from workbench.loadgen.config import ServeBenchConfig
         from workbench.loadgen.runner import run_serve_benchmark
 
-        # Long replies, so that the 24 requests overlap even when a loaded machine sends them slowly.
-        result = run_serve_benchmark(ServeBenchConfig(base_url=srv.url, model="tiny", num_prompts=24, input_len=8,
-                                                      output_len=200, ignore_eos=True), progress=False)
-        assert result.metrics["failed"] > 0 and result.metrics["completed"] > 0
+        result = run_serve_benchmark(ServeBenchConfig(base_url=srv.url, model="tiny", num_prompts=12, input_len=8,
+                                                      output_len=8, ignore_eos=True), progress=False)
+        assert result.metrics["failed"] == 12 and result.metrics["completed"] == 0, result.metrics
         assert set(result.extra["errors"]) == {"RateLimitError:429"}, result.extra["errors"]
+        for sock in blockers:  # hang up: the server aborts them and admits again
+            sock.close()
+        deadline = time.monotonic() + 60
+        while metric(srv.url, "vllm:num_requests_running") + metric(srv.url, "vllm:num_requests_waiting") > 0:
+            assert time.monotonic() < deadline, "the abandoned blockers were not aborted"
+            time.sleep(0.05)
+        again = httpx.post(srv.url + CMPL, json={"model": "tiny", "prompt": "hi", "max_tokens": 4}, timeout=60)
+        assert again.status_code == 200, again.text
     finally:
+        for sock in blockers:
+            sock.close()
         srv.stop()

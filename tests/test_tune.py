@@ -12,7 +12,8 @@ from typer.testing import CliRunner
 from workbench.cli import app
 from workbench.tune.study_file import DEFAULT_STUDY, STUDIES_DIR, StudyError, load_study
 
-NULL_LAUNCH = f"{sys.executable} -m workbench.loadgen.null_server --port {{port}} --model {{model}}"
+NULL_LAUNCH = f"{sys.executable} -m workbench.loadgen.null_server --port {{port}} --model {{model}}"  # no settings
+NULL_FLAGS = f"{sys.executable} -m workbench.loadgen.null_server --port {{port}} --model {{model}} {{flags}}"
 TINY_SERVER = '[server]\nmax_model_len = 256\nkv_cache_memory = "16MiB"\n'
 
 
@@ -67,6 +68,111 @@ def test_malformed_study_names_the_field(tmp_path, body, field):
         load_study(path)
     r = CliRunner().invoke(app, ["tune", str(path), "--results-dir", str(tmp_path)])
     assert r.exit_code == 2 and "Traceback" not in r.output
+
+
+# ---------------------------------------------------------------- checked before any trial runs
+CHECKED = """
+[study]
+name = "checked"
+model = "tiny"
+n_trials = 2
+[server]
+{server}
+[search_space]
+{space}
+[workload]
+{workload}
+[[objectives]]
+metric = "{objective}"
+direction = "maximize"
+[[constraints]]
+metric = "{constraint}"
+op = "<="
+value = 0
+"""
+GOOD = {"server": 'max_model_len = 256\nkv_cache_memory = "16MiB"',
+        "space": 'max_num_seqs = { type = "int", low = 1, high = 8 }\nenable_prefix_caching = { type = "bool" }',
+        "workload": "num_prompts = 4", "objective": "output_throughput", "constraint": "error_rate"}
+
+
+def checked(tmp_path, launch=None, **parts):
+    from workbench.tune.checks import check_study
+
+    path = study_file(tmp_path, CHECKED.format(**(GOOD | parts)))
+    spec, _ = load_study(path)
+    check_study(spec, path, launch)
+    return path
+
+
+@pytest.mark.parametrize("parts,expected", [
+    ({"space": 'max_num_seq = { type = "int", low = 1, high = 8 }'},
+     "search_space.max_num_seq: not a flag of the engine's server (workbench serve); closest: max_num_seqs"),
+    ({"server": 'kv_cache_mem = "16MiB"'}, "server.kv_cache_mem: not a flag of the engine's server (workbench "
+                                          "serve); closest: kv_cache_memory"),
+    ({"server": 'dtype = "float64"'}, "server: argument --dtype: invalid choice: 'float64'"),
+    ({"server": 'kv_cache_memory = "lots"'}, "server: argument --kv-cache-memory: not a size: 'lots'"),
+    ({"server": "block_size = 7"}, "server: block_size must be one of 8, 16, 32, 64, 128, got 7"),
+    ({"space": 'max_num_seqs = { type = "categorical", choices = [8, "many"] }'},
+     "search_space.max_num_seqs = 'many': argument --max-num-seqs: invalid int value: 'many'"),
+    ({"space": 'enforce_eager = { type = "bool" }'},
+     "search_space.enforce_eager = False: unrecognized arguments: --no-enforce-eager"),
+    ({"objective": "output_thruput"}, "objectives.0.metric: 'output_thruput' is not a metric that a serve trial "
+                                      "reports; closest: output_throughput"),
+    ({"constraint": "p99_ttft"}, "constraints.0.metric: 'p99_ttft' is not a metric that a serve trial reports; "
+                                 "closest: p99_ttft_ms"),
+    ({"objective": "request_goodput"}, "objectives.0.metric: 'request_goodput' is empty for this workload "
+                                       "(request_goodput needs [workload] goodput SLOs)"),
+    ({"workload": 'type = "throughput"', "constraint": "p99_ttft_ms"},
+     "constraints.0.metric: 'p99_ttft_ms' is not a metric that an offline (throughput) trial reports; "
+     "valid: elapsed_s, "),
+])
+def test_study_checked_against_the_engine_flags_and_the_trial_metrics(tmp_path, parts, expected):
+    from workbench.tune.study_file import StudyError
+
+    with pytest.raises(StudyError) as err:
+        checked(tmp_path, **parts)
+    assert str(err.value).startswith(f"{tmp_path / 't.toml'}: {expected}"), str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_good_studies_pass_the_checks(tmp_path):
+    from workbench.tune.checks import check_study
+
+    checked(tmp_path)
+    checked(tmp_path, objective="request_goodput", workload="goodput = { ttft = 100 }")
+    checked(tmp_path, workload='dataset = "multi-turn"', objective="mean_turns_per_session")
+    checked(tmp_path, workload='type = "throughput"', objective="tokens_per_step", constraint="time_over_floor")
+    # Another server's flags are its own business: passed through, the template dry-run instead.
+    checked(tmp_path, launch=NULL_FLAGS, space='delay_ms = { type = "float", low = 0, high = 5 }', server="")
+    for p in STUDIES_DIR.glob("*.toml"):
+        check_study(load_study(p)[0], p, None)
+
+
+@pytest.mark.parametrize("launch,expected", [
+    ("vllm serve {model} {flags}", "--launch must contain {port}"),
+    (NULL_LAUNCH, "--launch has no {flags}: the study's settings (max_model_len, kv_cache_memory, max_num_seqs, "
+                  "enable_prefix_caching, from "),
+    ("serve {modle} --port {port} {flags}", "--launch: unknown placeholder {modle}; closest: model"),
+    ("serve {model --port {port} {flags}", "--launch: not a valid template"),
+    ("no-such-server-program {model} --port {port} {flags}", "--launch: no program 'no-such-server-program' found"),
+    ("serve '{model} --port {port} {flags}", "--launch: cannot split"),
+])
+def test_launch_template_dry_run(tmp_path, launch, expected):
+    from workbench.tune.study_file import StudyError
+
+    with pytest.raises(StudyError, match="^" + __import__("re").escape(expected)):
+        checked(tmp_path, launch=launch)
+    with pytest.raises(StudyError, match="workload.type is 'throughput'"):
+        checked(tmp_path, launch=NULL_FLAGS, workload='type = "throughput"')
+
+
+def test_a_typo_stops_the_command_before_any_trial(tmp_path):
+    path = study_file(tmp_path, CHECKED.format(**GOOD | {"space": 'max_num_seq = { type = "int", low = 1, high = 8 }'}))
+    r = CliRunner().invoke(app, ["tune", str(path), "--results-dir", str(tmp_path)])
+    assert r.exit_code == 2
+    lines = r.output.strip().splitlines()
+    assert len(lines) == 1 and "search_space.max_num_seq" in lines[0] and "closest: max_num_seqs" in lines[0], lines
+    assert str(path) in lines[0] and not (tmp_path / "tune.db").exists(), "nothing ran, nothing was stored"
 
 
 @pytest.mark.slow
@@ -148,20 +254,54 @@ model = "null"
 n_trials = 2
 sampler = "random"
 [search_space]
-max_num_seqs = { type = "int", low = 1, high = 64 }
+delay_ms = { type = "float", low = 0, high = 1 }
 """ + WORKLOAD
 
 
 def test_resume_runs_only_the_missing_trials(tmp_path):
     path = study_file(tmp_path, CHEAP)
-    args = ["tune", str(path), "--results-dir", str(tmp_path), "--launch", NULL_LAUNCH]
+    args = ["tune", str(path), "--results-dir", str(tmp_path), "--launch", NULL_FLAGS]
     assert CliRunner().invoke(app, args).exit_code == 0
     r = CliRunner().invoke(app, args + ["--n-trials", "3"])
     assert r.exit_code == 0, r.output
     study = optuna.load_study(study_name="cheap", storage=f"sqlite:///{tmp_path / 'tune.db'}")
     assert [t.number for t in study.get_trials()] == [0, 1, 2]
+    # Progress inside the trial, and one numbering: Optuna's, in the lines as in the storage.
+    assert "trial 2: starting the server: " in r.output and "trial 2: server healthy after" in r.output
+    assert "trial 2: 8 requests" in r.output and "trial 2 ok " in r.output and "(3 of 3 trials done)" in r.output
     r = CliRunner().invoke(app, args + ["--n-trials", "3"])
-    assert "nothing to run" in r.output
+    assert "nothing to run" in r.output and "--fresh" in r.output and r.exit_code == 0
+    r = CliRunner().invoke(app, args + ["--fresh"])
+    assert r.exit_code == 0 and "deleted study 'cheap' (3 trials)" in r.output, r.output
+    study = optuna.load_study(study_name="cheap", storage=f"sqlite:///{tmp_path / 'tune.db'}")
+    assert [t.number for t in study.get_trials()] == [0, 1], "a new study, numbered from 0"
+
+
+def test_every_trial_failing_exits_non_zero_with_the_first_failure_in_full(tmp_path):
+    script = tmp_path / "broken_server.py"
+    script.write_text("import sys\nfor i in range(30):\n    print(f'log line {i}')\n"
+                      "print('Traceback: ' + 'x' * 900 + ' END')\nsys.exit(3)\n")
+    path = study_file(tmp_path, CHEAP)
+    r = CliRunner().invoke(app, ["tune", str(path), "--results-dir", str(tmp_path), "--launch",
+                                 f"{sys.executable} {script} --port {{port}} {{flags}}"])
+    assert r.exit_code == 1, r.output
+    first = r.output[r.output.index("every trial failed"):]
+    assert "trial 0 (start): the server exited with code 3 at start" in first
+    assert "log line 0\n" in first and "log line 29\n" in first and "x" * 900 + " END" in first, "not cut off"
+    assert "relax the constraints" not in r.output
+
+
+def test_a_missing_postgres_driver_names_the_extra(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "psycopg2", None)  # as if the driver were not installed
+    monkeypatch.setitem(sys.modules, "psycopg", None)
+    path = study_file(tmp_path, CHEAP)
+    for url in ("postgresql+psycopg2://u@127.0.0.1:1/tune", "postgresql://u@127.0.0.1:1/tune"):
+        r = CliRunner().invoke(app, ["tune", str(path), "--storage", url, "--results-dir", str(tmp_path),
+                                     "--launch", NULL_FLAGS])
+        assert r.exit_code == 1 and "Traceback" not in r.output
+        last = r.output.strip().splitlines()[-1]
+        assert last.startswith(f"error: storage {url}: the PostgreSQL driver (psycopg") and \
+            last.endswith('is not installed: pip install -e ".[postgres]"'), r.output
 
 
 @pytest.fixture
@@ -182,7 +322,7 @@ def postgres():
 def test_two_workers_share_one_postgres_study(tmp_path, postgres):
     path = study_file(tmp_path, CHEAP)
     cmd = [sys.executable, "-m", "workbench.cli", "tune", str(path), "--storage", postgres, "--study-name", "shared",
-           "--n-trials", "8", "--results-dir", str(tmp_path), "--launch", NULL_LAUNCH]
+           "--n-trials", "8", "--results-dir", str(tmp_path), "--launch", NULL_FLAGS]
     workers = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)]
     outputs = [w.communicate(timeout=300)[0] for w in workers]
     assert all(w.returncode == 0 for w in workers), outputs
@@ -262,9 +402,6 @@ def test_memory_precheck():
 
 
 # ---------------------------------------------------------------- cheap end-to-end runs on the no-compute server
-NULL_FLAGS = f"{sys.executable} -m workbench.loadgen.null_server --port {{port}} --model {{model}} {{flags}}"
-
-
 @pytest.mark.slow
 def test_slo_capacity_is_the_trial_value(tmp_path):
     """delay 0: every probe meets TPOT <= 20 ms up to the top of the range; 50 ms a token: none does."""

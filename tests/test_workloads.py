@@ -227,7 +227,7 @@ def null_url():
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "workbench.loadgen.null_server", "--port", str(port),
                              "--delay-ms", "2"])
-    from workbench.bench_serve_cmd import _wait_healthy
+    from workbench.bench.ceiling import wait_healthy as _wait_healthy
     _wait_healthy(f"http://127.0.0.1:{port}", proc)
     yield f"http://127.0.0.1:{port}"
     proc.terminate()
@@ -352,8 +352,8 @@ def test_studies_take_every_workload(tmp_path, workload):
 
 
 def test_report_plots_for_workloads(tmp_path):
-    from reports import plots
-    from reports.data import RunFile
+    from workbench.report import plots
+    from workbench.report.data import RunFile
     from workbench.results import BenchResult
     records = [rec(0, 0, 0, 0.1, 1, session=0, turn=0, cached=0), rec(1, 1, 1, 0.1, 1, session=0, turn=1, cached=50)]
     result = BenchResult(requests=records, turns=per_turn(records), windows=windows(records, 2.0),
@@ -370,7 +370,7 @@ def test_report_plots_for_workloads(tmp_path):
 def test_exported_report_draws_the_workload_figures(tmp_path):
     """`workbench report --export` includes per-turn TTFT and, for a trace replay, latency over time
     and the server's telemetry."""
-    from reports.export import export
+    from workbench.report.export import export
     from workbench.results import BenchResult
     records = [rec(0, 0, 0, 0.1, 1, session=0, turn=0, cached=0), rec(1, 1, 1, 0.1, 1, session=0, turn=1, cached=50)]
     result = BenchResult(label="trace run", config={"dataset": "trace"}, requests=records, turns=per_turn(records),

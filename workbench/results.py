@@ -12,7 +12,7 @@ import os
 import platform
 import subprocess
 import sys
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
@@ -74,7 +74,7 @@ class RequestRecord(BaseModel):
 class BenchResult(BaseModel):
     schema_version: int = SCHEMA_VERSION
     kind: Literal["serve", "throughput", "latency", "gate", "quality"] = "serve"
-    created: str = Field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    created: str = Field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
     label: str = ""  # a short name for plots and tables, e.g. "prefix-on" or "rate=4"
     command: str = Field(default_factory=lambda: " ".join(sys.argv))
     config: dict[str, Any] = Field(default_factory=dict)  # the benchmark's own settings
@@ -94,7 +94,7 @@ class BenchResult(BaseModel):
         return path
 
     @classmethod
-    def load(cls, path: str | Path) -> "BenchResult":
+    def load(cls, path: str | Path) -> BenchResult:
         """Read a result file; a missing, non-JSON or wrongly shaped file raises ValueError naming it."""
         path = Path(path)
         try:

@@ -6,6 +6,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from engine.config import ConfigError
+
 
 class UnquantizedMethod:
     """Plain dense weights [out_features, in_features], as in Hugging Face checkpoints."""
@@ -16,6 +18,40 @@ class UnquantizedMethod:
 
     def apply(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, layer.weight, layer.bias)
+
+    def load_shard(self, layer: nn.Module, param_name: str, shard: int, tensor: torch.Tensor) -> None:
+        param = getattr(layer, param_name, None)
+        if not isinstance(param, nn.Parameter):
+            raise ConfigError(f"checkpoint tensor {param_name!r} is not a parameter of a dense linear layer "
+                             "(a quantized checkpoint without quantization_config in config.json?)")
+        start = sum(layer.out_sizes[:shard])
+        size = layer.out_sizes[shard]
+        if (tensor.shape[0] != size or tensor.dim() != param.dim()
+                or (param.dim() == 2 and tensor.shape[1] != param.shape[1])):
+            raise ConfigError(f"checkpoint tensor of shape {tuple(tensor.shape)} does not fit shard {shard} "
+                             f"({size} rows) of {param_name} {tuple(param.shape)}")
+        param.data[start:start + size].copy_(tensor)
+
+    def weight_bytes(self, layer: nn.Module) -> int:
+        return sum(t.numel() * t.element_size() for t in (layer.weight, layer.bias) if t is not None)
+
+
+def linear_method(quant_config, name: str, pieces: tuple[str, ...] = ()):
+    """The method for the layer `name` (our merged name; `pieces`: the checkpoint's projections it
+    merges): None (dense) without quantization or where the checkpoint keeps the layer dense."""
+    if quant_config is None:
+        return None
+    parent = name.rpartition(".")[0]
+    names = [f"{parent}.{p}" for p in pieces] or [name]
+    skipped = [quant_config.skips(n) for n in names]
+    if any(skipped) and not all(skipped):
+        raise ConfigError(f"{name}: modules_to_not_convert keeps some of {', '.join(pieces)} dense but not all; "
+                          "a merged layer is quantized as a whole")
+    if all(skipped):
+        return None
+    from engine.quantization.method import QuantizedLinearMethod
+
+    return QuantizedLinearMethod(quant_config, name)
 
 
 class Linear(nn.Module):
@@ -40,10 +76,5 @@ class Linear(nn.Module):
         return out
 
     def load_shard(self, param_name: str, shard: int, tensor: torch.Tensor) -> None:
-        param = getattr(self, param_name)
-        start = sum(self.out_sizes[:shard])
-        size = self.out_sizes[shard]
-        if tensor.shape[0] != size or (param.dim() == 2 and tensor.shape[1] != param.shape[1]):
-            raise ValueError(f"checkpoint tensor of shape {tuple(tensor.shape)} does not fit shard {shard} "
-                             f"({size} rows) of {param_name} {tuple(param.shape)}")
-        param.data[start:start + size].copy_(tensor)
+        """One checkpoint tensor into its shard of this layer; the method knows its own layout."""
+        self.method.load_shard(self, param_name, shard, tensor)

@@ -28,7 +28,8 @@ def projection_shapes(config: dict) -> dict[str, tuple[str, int, int]]:
     kv_heads = config.get("num_key_value_heads") or heads
     head_dim = config.get("head_dim") or hidden // heads
     q, kv = heads * head_dim, kv_heads * head_dim
-    return {"q_proj": ("self_attn", hidden, q), "k_proj": ("self_attn", hidden, kv), "v_proj": ("self_attn", hidden, kv),
+    return {"q_proj": ("self_attn", hidden, q), "k_proj": ("self_attn", hidden, kv),
+            "v_proj": ("self_attn", hidden, kv),
             "o_proj": ("self_attn", q, hidden), "gate_proj": ("mlp", hidden, inter), "up_proj": ("mlp", hidden, inter),
             "down_proj": ("mlp", inter, hidden)}
 

@@ -10,8 +10,15 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException
 
 from engine.server import serving_lora
-from engine.server.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
-                                    LoadLoRAAdapterRequest, OpenAIError, TokenizeRequest, UnloadLoRAAdapterRequest)
+from engine.server.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    LoadLoRAAdapterRequest,
+    OpenAIError,
+    TokenizeRequest,
+    UnloadLoRAAdapterRequest,
+)
 from engine.server.serving_chat import create_chat_completion
 from engine.server.serving_common import OpenAIServing
 from engine.server.serving_completions import create_completion

@@ -24,8 +24,19 @@ from zmq.utils.monitor import parse_monitor_message
 
 from engine.core_process import CoreAddresses
 from engine.lora.request import LoRARequest
-from engine.messages import (ABORT, ADD, LOAD_LORA, RESET_PREFIX_CACHE, UNLOAD_LORA, CallResult, CoreInfo, CoreOutputs,
-                             EngineStats, LoadLoRA, UnloadLoRA)
+from engine.messages import (
+    ABORT,
+    ADD,
+    LOAD_LORA,
+    RESET_PREFIX_CACHE,
+    UNLOAD_LORA,
+    CallResult,
+    CoreInfo,
+    CoreOutputs,
+    EngineStats,
+    LoadLoRA,
+    UnloadLoRA,
+)
 from engine.output_processor import OutputProcessor, RequestState
 from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams

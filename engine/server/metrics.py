@@ -48,6 +48,27 @@ class StatsCollector:
         yield counter("vllm:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.",
                       s.prefix_cache_queries_total)
         yield counter("vllm:prefix_cache_hits", "Prompt tokens found in the prefix cache.", s.prefix_cache_hits_total)
+        if s.spec_decode_num_accepted_tokens_per_pos:  # speculative decoding is on
+            yield from spec_decode_counters(label, s)
+
+
+def spec_decode_counters(label: list[str], s):
+    """vLLM's speculative-decoding counters (acceptance rate = accepted / draft tokens; mean accepted
+    length = 1 + accepted / drafts)."""
+    for name, doc, value in (
+            ("vllm:spec_decode_num_drafts", "Verification steps of a request with drafts.",
+             s.spec_decode_num_drafts_total),
+            ("vllm:spec_decode_num_draft_tokens", "Draft tokens verified.", s.spec_decode_num_draft_tokens_total),
+            ("vllm:spec_decode_num_accepted_tokens", "Draft tokens accepted.",
+             s.spec_decode_num_accepted_tokens_total)):
+        c = CounterMetricFamily(name, doc, labels=["model_name"])
+        c.add_metric(label, value)
+        yield c
+    c = CounterMetricFamily("vllm:spec_decode_num_accepted_tokens_per_pos", "Draft tokens accepted, by position "
+                            "in the draft (0 = the first).", labels=["model_name", "position"])
+    for pos, value in enumerate(s.spec_decode_num_accepted_tokens_per_pos):
+        c.add_metric([*label, str(pos)], value)
+    yield c
 
 
 class ServerMetrics:

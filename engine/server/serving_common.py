@@ -11,9 +11,9 @@ from dataclasses import dataclass
 from fastapi import Request
 
 from engine.lora.request import LoRARequest
+from engine.sampling_params import SamplingParams
 from engine.server.core_client import CoreClient
 from engine.server.metrics import ServerMetrics
-from engine.sampling_params import SamplingParams
 from engine.server.protocol import KNOWN_ROLES, ChatCompletionRequest, OpenAIError
 
 # Texts longer than this are tokenized in a worker thread (the Rust tokenizer releases the GIL), so

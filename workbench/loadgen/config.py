@@ -15,30 +15,35 @@ SLO_KEYS = ("ttft", "tpot", "e2el")
 class LoadProfile(BaseModel):
     """What load to send: shared by `bench serve` and a tuning study's workload."""
     model_config = ConfigDict(extra="forbid")
+    # The descriptions are the flags' help (workbench/loadgen/flags.py).
     endpoint: Literal["completions", "chat"] = "completions"
     dataset: Literal["random", "prefix-repeat", "sharegpt", "jsonl", "multi-turn", "trace"] = "random"
-    dataset_path: str | None = None
-    num_prompts: int = Field(100, ge=1)  # multi-turn: sessions; trace: the first N rows
-    # A number of tokens, or a distribution: uniform:a,b normal:mean,std lognormal:mu,sigma empirical:FILE
-    input_len: int | str = 256
-    output_len: int | str = 128
-    range_ratio: float = Field(0.0, ge=0.0, lt=1.0)
-    prefix_len: int = Field(0, ge=0)
-    num_prefixes: int = Field(1, ge=1)
-    burstiness: float = Field(1.0, gt=0.0)  # gamma shape: 1 = Poisson, < 1 burstier, > 1 more regular
-    max_concurrency: int | None = Field(None, ge=1)
+    dataset_path: str | None = Field(None, description="file for sharegpt / jsonl / trace; multi-turn: a ShareGPT "
+                                                       "file replayed turn by turn (synthetic sessions without one)")
+    num_prompts: int = Field(100, ge=1, description="requests; multi-turn: sessions; trace: the first N rows")
+    input_len: int | str = Field(256, description="prompt tokens, or uniform:a,b | normal:mean,std | "
+                                                  "lognormal:mu,sigma | empirical:FILE (multi-turn: each user message)")
+    output_len: int | str = Field(128, description="output tokens, or a distribution as --input-len")
+    range_ratio: float = Field(0.0, ge=0.0, lt=1.0, description="random lengths in [len x (1 - r), len x (1 + r)]")
+    prefix_len: int = Field(0, ge=0, description="shared prefix tokens (prefix-repeat)")
+    num_prefixes: int = Field(1, ge=1, description="distinct shared prefixes (prefix-repeat)")
+    burstiness: float = Field(1.0, gt=0.0, description="gamma shape of arrival gaps: 1 = Poisson, < 1 burstier, "
+                                                       "> 1 more regular")
+    max_concurrency: int | None = Field(None, ge=1, description="requests in flight at most (default: no cap)")
     seed: int = 0
-    warmup: int = Field(0, ge=0)
-    duration: float | None = Field(None, gt=0)  # stop sending new requests after this many seconds
-    goodput: dict[str, float] = Field(default_factory=dict)  # SLOs in ms: ttft, tpot, e2el
-    num_turns: int = Field(4, ge=1)  # multi-turn: turns per session (ShareGPT: at most)
-    think_time: float = Field(0.0, ge=0.0)  # multi-turn: seconds between a reply and the next user turn
+    warmup: int = Field(0, ge=0, description="requests sent first and not measured")
+    duration: float | None = Field(None, gt=0, description="stop sending new requests after S seconds")
+    goodput: dict[str, float] = Field(default_factory=dict, description="SLOs as KEY:MS (ttft, tpot, e2el), "
+                                                                        "e.g. ttft:500 tpot:50")
+    num_turns: int = Field(4, ge=1, description="multi-turn: turns per session (ShareGPT: at most)")
+    think_time: float = Field(0.0, ge=0.0, description="multi-turn: seconds between a reply and the next turn")
     trace_format: Literal["mooncake", "burstgpt", "azure", "jsonl"] | None = None
-    time_scale: float = Field(1.0, gt=0.0)  # trace: recorded gaps x this (0.5 replays twice as fast)
-    trace_block_size: int = Field(512, ge=1)  # mooncake: tokens per hash id
-    ramp_up: Literal["linear", "exponential"] | None = None  # the rate goes from ramp_up_start to _end
-    ramp_up_start: float | None = Field(None, gt=0.0)
-    ramp_up_end: float | None = Field(None, gt=0.0)
+    time_scale: float = Field(1.0, gt=0.0, description="trace: recorded gaps x this (0.5 = twice as fast)")
+    trace_block_size: int = Field(512, ge=1, description="mooncake: tokens per hash id")
+    ramp_up: Literal["linear", "exponential"] | None = Field(None, description="the rate goes from --ramp-up-start "
+                                                             "to --ramp-up-end over the run (or --duration)")
+    ramp_up_start: float | None = Field(None, gt=0.0, description="requests/s at the start of the ramp")
+    ramp_up_end: float | None = Field(None, gt=0.0, description="requests/s at the end of the ramp")
 
     @field_validator("input_len", "output_len")
     @classmethod
@@ -47,7 +52,7 @@ class LoadProfile(BaseModel):
         return int(spec.params[0]) if spec.kind == "fixed" else v
 
     @model_validator(mode="after")
-    def _consistent(self) -> "LoadProfile":
+    def _consistent(self) -> LoadProfile:
         if self.dataset == "trace" and not (self.dataset_path and self.trace_format):
             raise ValueError("the trace dataset needs dataset_path (--dataset-path) and trace_format "
                              "(--trace-format mooncake|burstgpt|azure|jsonl)")
@@ -73,24 +78,26 @@ class LoadProfile(BaseModel):
 
 
 class ServeBenchConfig(LoadProfile):
-    base_url: str
-    model: str
+    base_url: str = Field("http://127.0.0.1:8000", description="the server, with or without /v1")
+    model: str = Field(description="model name as the server serves it")
     api_key: str | None = None
     request_rate: float = math.inf  # requests per second; inf sends everything at once
-    workers: int = Field(1, ge=1)  # client processes; one event loop tops out at a few hundred req/s
+    workers: int = Field(1, ge=1, description="client processes sharing the run (one event loop tops out at a few "
+                                              "hundred req/s; see `workbench bench ceiling`)")
     ignore_eos: bool = False
-    tokenizer: str | None = None
-    label: str = ""
+    tokenizer: str | None = Field(None, description="tokenizer directory (or preset) for exact prompt lengths")
+    label: str = Field("", description="short name for plots and tables")
     timeout: float = Field(600.0, gt=0)
     extra_body: dict = Field(default_factory=dict)
-    reset_prefix_cache: bool = True  # sweeps: POST /reset_prefix_cache before each point, where the server has it
+    reset_prefix_cache: bool = Field(True, description="sweeps: POST /reset_prefix_cache before each point (where "
+                                                       "the server has it)")
     # Spread requests over these model names (LoRA adapters, the base too if listed), with these weights
     # (default: uniform); empty: every request names `model`.
     lora_names: list[str] = Field(default_factory=list)
     lora_weights: list[float] | None = None
 
     @model_validator(mode="after")
-    def _lora_spread(self) -> "ServeBenchConfig":
+    def _lora_spread(self) -> ServeBenchConfig:
         if self.lora_weights is not None:
             if len(self.lora_weights) != len(self.lora_names):
                 raise ValueError(f"lora_weights has {len(self.lora_weights)} entries for {len(self.lora_names)} "
@@ -110,11 +117,16 @@ class ServeBenchConfig(LoadProfile):
         return rng.choices(self.lora_names, weights=self.lora_weights)[0]
 
     @model_validator(mode="after")
-    def _one_process_for_sessions(self) -> "ServeBenchConfig":
+    def _one_process_for_sessions(self) -> ServeBenchConfig:
         if self.dataset == "multi-turn" and self.workers > 1:
             raise ValueError("workers > 1 is not supported with the multi-turn dataset (a session's turns "
                              "wait on each other's replies in one process); use --workers 1")
         return self
+
+    @field_validator("base_url")
+    @classmethod
+    def _server_root(cls, v: str) -> str:
+        return server_root(v)
 
     @field_validator("request_rate")
     @classmethod
@@ -122,6 +134,13 @@ class ServeBenchConfig(LoadProfile):
         if not v > 0:
             raise ValueError("request_rate must be positive (or inf)")
         return v
+
+
+def server_root(url: str) -> str:
+    """The server's root URL. vLLM's users give --base-url with /v1 (the openai client's base_url),
+    this tool's without: both are taken, and every path (/v1/..., /metrics, /tokenize) is built
+    from the root."""
+    return url.strip().rstrip("/").removesuffix("/v1").rstrip("/")
 
 
 def parse_lora_names(text: str | None) -> tuple[list[str], list[float] | None]:

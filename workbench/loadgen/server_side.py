@@ -14,7 +14,10 @@ GAUGES = {"kv_cache_usage": ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_p
           "running": ("vllm:num_requests_running",), "waiting": ("vllm:num_requests_waiting",)}
 COUNTERS = {"preemptions": "vllm:num_preemptions_total", "prefix_cache_queries": "vllm:prefix_cache_queries_total",
             "prefix_cache_hits": "vllm:prefix_cache_hits_total", "prompt_tokens": "vllm:prompt_tokens_total",
-            "generation_tokens": "vllm:generation_tokens_total"}
+            "generation_tokens": "vllm:generation_tokens_total",
+            "spec_decode_num_drafts": "vllm:spec_decode_num_drafts_total",
+            "spec_decode_num_draft_tokens": "vllm:spec_decode_num_draft_tokens_total",
+            "spec_decode_num_accepted_tokens": "vllm:spec_decode_num_accepted_tokens_total"}
 SAMPLE_EVERY_S = 1.0
 
 
@@ -54,6 +57,11 @@ def counter_deltas(before: dict | None, after: dict | None) -> dict[str, float]:
     queries = out.get("server_prefix_cache_queries")
     if queries:
         out["prefix_cache_hit_rate"] = out.get("server_prefix_cache_hits", 0.0) / queries
+    drafts, draft_tokens = out.get("server_spec_decode_num_drafts"), out.get("server_spec_decode_num_draft_tokens")
+    if drafts and draft_tokens:  # vLLM's definitions (workbench/bench/throughput.spec_decode_metrics)
+        accepted = out.get("server_spec_decode_num_accepted_tokens", 0.0)
+        out["spec_decode_acceptance_rate"] = accepted / draft_tokens
+        out["spec_decode_mean_accepted_length"] = 1 + accepted / drafts
     return out
 
 
@@ -74,7 +82,7 @@ async def sample_metrics(base_url: str, api_key: str | None, start: float, stop:
             samples.append({"t": round(t, 3)} | {k: values[k] for k in (*GAUGES, "preemptions") if k in values})
             try:
                 await asyncio.wait_for(stop.wait(), timeout=every)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
 
 

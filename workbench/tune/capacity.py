@@ -6,8 +6,9 @@ A probe is any function value -> metrics; this module decides nothing about serv
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Literal
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -40,7 +41,7 @@ class CapacitySpec(BaseModel):
         return v
 
     @model_validator(mode="after")
-    def _range(self) -> "CapacitySpec":
+    def _range(self) -> CapacitySpec:
         if not self.low <= self.start <= self.high:
             raise ValueError(f"need low <= start <= high, got {self.low}, {self.start}, {self.high}")
         return self

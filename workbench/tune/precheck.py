@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import fields
+from dataclasses import asdict, fields
 from pathlib import Path
+from types import SimpleNamespace
 
-from engine.config import DTYPES, EngineConfig
-from engine.presets import PRESETS, PresetSpec, estimate_params
+from engine.config import DTYPES, ConfigError, EngineConfig, check_parallel_shapes
+from engine.presets import PRESETS, PresetSpec, estimate_params, tensor_shapes
 from engine.server.args import byte_size
-from workbench.roofline import ModelShape
+from workbench.bench.roofline import ModelShape
 
 ENGINE_DEFAULTS = {f.name: f.default for f in fields(EngineConfig) if not callable(f.default)}
 
@@ -36,16 +37,42 @@ def model_spec(model: str) -> PresetSpec | None:
         return None
 
 
-def estimate(spec: PresetSpec, flags: dict, on_gpu: bool) -> dict:
-    """Weights and KV bytes per token in the dtype the engine would pick."""
+def estimate(spec: PresetSpec, flags: dict, on_gpu: bool, quant=None) -> dict:
+    """Weights and KV bytes per token in the dtype the engine would pick; `quant`: the checkpoint's
+    QuantConfig (its decoder linears count their packed codes, fp16 scales and packed zeros)."""
     dtype = flags.get("dtype", "auto")
     if dtype == "auto":
         dtype = "float32" if not on_gpu else ("bfloat16" if spec.dtype in ("float32", None) else spec.dtype)
     nbytes = DTYPES[dtype].itemsize
     params = estimate_params(spec)
+    stored = None
+    if quant is not None:
+        shapes = tensor_shapes(spec)
+        linear = {n: s for n, s in shapes.items() if ".layers." in n and n.endswith("_proj.weight")}
+        stored = (params - sum(math.prod(s) for s in linear.values())) * nbytes
+        for out_f, in_f in linear.values():
+            groups = math.ceil(in_f / quant.group_size_for(in_f))
+            stored += out_f * in_f * quant.bits // 8 + groups * out_f * (2 + quant.bits / 8)
+        stored = int(stored)
     shape = ModelShape(params, spec.num_hidden_layers, spec.num_attention_heads, spec.num_key_value_heads,
-                       spec.head_dim, nbytes)
+                       spec.head_dim, nbytes, stored)
     return {"weight_bytes": shape.weight_bytes, "kv_bytes_per_token": shape.kv_bytes_per_token, "dtype": dtype}
+
+
+def model_quantization(model: str):
+    """A model directory's QuantConfig (None when dense, a preset, or unreadable: the launch will tell)."""
+    from types import SimpleNamespace
+
+    from engine.config import ConfigError
+    from engine.quantization.config import from_hf_config
+
+    path = Path(model).expanduser() / "config.json"
+    if model in PRESETS or not path.is_file():
+        return None
+    try:
+        return from_hf_config(SimpleNamespace(**json.loads(path.read_text())))
+    except (ConfigError, json.JSONDecodeError, TypeError):
+        return None
 
 
 def refuse(model: str, flags: dict, device_memory: int | None) -> tuple[str | None, dict]:
@@ -57,10 +84,18 @@ def refuse(model: str, flags: dict, device_memory: int | None) -> tuple[str | No
     spec = model_spec(model)
     if spec is None:
         return None, {}
+    tp, pp = cfg["tensor_parallel_size"], cfg["pipeline_parallel_size"]
+    try:
+        check_parallel_shapes(SimpleNamespace(**asdict(spec)), tp, pp)
+    except ConfigError as exc:
+        return str(exc), {}
     model_len = cfg["max_model_len"] or spec.max_position_embeddings
     if tokens is not None and not cfg["enable_chunked_prefill"] and tokens < model_len:
         return f"max_num_batched_tokens ({tokens}) < max_model_len ({model_len}) without chunked prefill", {}
-    est = estimate(spec, flags, on_gpu=device_memory is not None)
+    est = estimate(spec, flags, on_gpu=device_memory is not None, quant=model_quantization(model))
+    if tp * pp > 1:  # each rank holds its share of the weights and of every token's KV (the figures below)
+        est["weight_bytes"] //= tp * pp
+        est["kv_bytes_per_token"] //= tp * pp
     block = cfg["block_size"]
     one_seq = math.ceil(model_len / block) * block * est["kv_bytes_per_token"]
     est["one_sequence_kv_bytes"] = one_seq
@@ -70,9 +105,11 @@ def refuse(model: str, flags: dict, device_memory: int | None) -> tuple[str | No
     if kv is not None:
         est["kv_cache_bytes"] = kv
         if kv < one_seq:
-            return f"kv_cache_memory {gib(kv)} holds fewer than max_model_len ({model_len}) tokens ({gib(one_seq)})", est
+            return (f"kv_cache_memory {gib(kv)} holds fewer than max_model_len ({model_len}) tokens "
+                    f"({gib(one_seq)})"), est
         if device_memory is not None and kv + est["weight_bytes"] > device_memory:
-            return f"weights {gib(est['weight_bytes'])} + KV cache {gib(kv)} exceed the device's {gib(device_memory)}", est
+            return (f"weights {gib(est['weight_bytes'])} + KV cache {gib(kv)} exceed the device's "
+                    f"{gib(device_memory)}"), est
         return None, est
     if device_memory is None:
         return None, est

@@ -5,18 +5,19 @@ import json
 import math
 import shlex
 import time
-import warnings
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
 import optuna
-from optuna.storages import JournalStorage, RDBStorage
 from optuna.study import MaxTrialsCallback
 from optuna.trial import TrialState
 from rich.console import Console
+from rich.markup import escape
 
-from workbench.tune.study_file import StudyFile
 from workbench.tune import precheck
+from workbench.tune.storage import explain, open_storage
+from workbench.tune.study_file import StudyFile
 from workbench.tune.trial import TrialFailed, measure, render_flags
 from workbench.tune.validate import candidates, validate
 
@@ -32,26 +33,22 @@ class TuneOptions:
     timeout: float | None
     launch: str | None
     results_dir: Path
+    fresh: bool = False  # delete the stored study of this name first
 
 
 def make_storage(url: str):
-    """SQLite or any SQL URL (heartbeats mark trials of a killed worker failed), or journal:PATH."""
-    if url.startswith("journal:"):
-        from optuna.storages.journal import JournalFileBackend
-
-        return JournalStorage(JournalFileBackend(url.removeprefix("journal:")))
+    """SQLite or any SQL URL (heartbeats mark trials of a killed worker failed), or journal:PATH;
+    StorageError (one line) when it cannot be opened."""
     import sqlalchemy.exc
 
     for attempt in range(5):
         try:
-            with warnings.catch_warnings():  # heartbeats are marked experimental, and are what we want
-                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                return RDBStorage(url, heartbeat_interval=10, grace_period=60)
-        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError):
+            return open_storage(url)
+        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError) as exc:
             # Workers started together on an empty database race to create Optuna's tables; the
             # loser sees "already exists". The schema is there now: connect again.
             if attempt == 4:
-                raise
+                raise explain(url, exc) from None
             time.sleep(0.5 + attempt)
 
 
@@ -110,7 +107,10 @@ def run_study(study: StudyFile, study_text: str, opts: TuneOptions) -> optuna.St
     opts.results_dir.mkdir(parents=True, exist_ok=True)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     directions = [o.direction for o in study.objectives]
-    ostudy = optuna.create_study(storage=make_storage(opts.storage), study_name=opts.study_name,
+    storage = make_storage(opts.storage)
+    if opts.fresh:
+        delete_study(storage, opts.study_name)
+    ostudy = optuna.create_study(storage=storage, study_name=opts.study_name,
                                  directions=directions, sampler=make_sampler(study), load_if_exists=True)
     ostudy.set_user_attr("objectives", [o.model_dump() for o in study.objectives])
     ostudy.set_user_attr("constraints", [c.model_dump() for c in study.constraints])
@@ -119,7 +119,9 @@ def run_study(study: StudyFile, study_text: str, opts: TuneOptions) -> optuna.St
     n_trials = opts.n_trials or study.study.n_trials
     done = len(ostudy.get_trials(deepcopy=False, states=FINISHED))
     if n_trials is not None and done >= n_trials:
-        console.print(f"study {opts.study_name!r} already has {done} finished trials (of {n_trials}); nothing to run")
+        console.print(f"study {opts.study_name!r} already has {done} finished trials (of {n_trials}); nothing to run. "
+                      f"To start afresh add --fresh (deletes this study from the storage) or --study-name NEW "
+                      f"(keeps it); to run more trials, --n-trials {done + n_trials}", soft_wrap=True)
         return ostudy
     if study.study.baseline and not ostudy.get_trials(deepcopy=False):
         # Enqueued, so that whichever worker takes trial 0 runs it, and no sampler spends a point on it.
@@ -130,7 +132,11 @@ def run_study(study: StudyFile, study_text: str, opts: TuneOptions) -> optuna.St
 
     def objective(trial: optuna.Trial):
         is_defaults = trial.user_attrs.get("label") == "defaults"
-        all_flags = {**study.server, **({} if is_defaults else suggest(trial, study))}
+
+        def status(text: str) -> None:
+            console.print(f"trial {trial.number}: {text}", markup=False, highlight=False, soft_wrap=True)
+
+        all_flags = study.default_flags() if is_defaults else {**study.server, **suggest(trial, study)}
         trial.set_user_attr("flags", all_flags)
         try:
             if own_engine:  # the pre-check knows this engine's rules and defaults, not another server's
@@ -139,16 +145,18 @@ def run_study(study: StudyFile, study_text: str, opts: TuneOptions) -> optuna.St
                 if why:
                     raise TrialFailed(why, "precheck")
             m = measure(study, all_flags, opts.results_dir, opts.launch, f"{opts.study_name}-trial{trial.number}",
-                        seeds, after_repeat=lambda i, runs: _maybe_prune(trial, ostudy, study, i, runs))
+                        seeds, after_repeat=lambda i, runs: _maybe_prune(trial, ostudy, study, i, runs),
+                        status=status)
         except TrialFailed as exc:
             return _infeasible(trial, study, n_trials, exc)
         except optuna.TrialPruned:
-            _report(trial.number, n_trials, "pruned", "clearly below the best after its first run")
+            _report(trial, n_trials, "pruned", "clearly below the best after its first run")
             raise
         except Exception as exc:  # a fault of ours or of the workload, not of the configuration
             reason = f"{type(exc).__name__}: {exc}"
             trial.set_user_attr("fail_reason", reason)
-            _report(trial.number, n_trials, "FAILED", reason[:200])
+            trial.set_user_attr("fail_detail", traceback.format_exc())
+            _report(trial, n_trials, "FAILED", reason[:200])
             raise TrialError(reason) from exc
         return _complete(trial, study, n_trials, m, is_defaults)
 
@@ -186,7 +194,7 @@ def _complete(trial: optuna.Trial, study: StudyFile, n_trials: int | None, m, is
     feasible = all(v <= 0 for v in violations)
     spread = "; ".join(f"{o.metric} {_spread(m.samples.get(o.metric))}" for o in study.objectives
                        if len(m.samples.get(o.metric) or []) > 1)
-    _report(trial.number, n_trials, "ok" if feasible else "infeasible",
+    _report(trial, n_trials, "ok" if feasible else "infeasible",
             ("defaults: " if is_defaults else "") + ", ".join(f"{o.metric}={v:,.2f}" for o, v in
                                                               zip(study.objectives, values))
             + (f" (repeats: {spread})" if spread else ""))
@@ -198,11 +206,13 @@ def _infeasible(trial: optuna.Trial, study: StudyFile, n_trials: int | None, exc
     constrained TPE and NSGA-II learn the region), and the worst value of each objective."""
     trial.set_user_attr("fail_reason", str(exc))
     trial.set_user_attr("fail_kind", exc.kind)
+    if exc.detail:
+        trial.set_user_attr("fail_detail", exc.detail)
     trial.set_user_attr("constraints", [1.0] * max(1, len(study.constraints)))
     trial.set_constraint("runs", 1.0)
     for c in study.constraints:
         trial.set_constraint(f"{c.metric} {c.op} {c.value:g}", 1.0)
-    _report(trial.number, n_trials, "FAILED", f"{exc.kind}: {str(exc)[:200]}")
+    _report(trial, n_trials, "FAILED", f"{exc.kind}: {str(exc)[:200]}")
     values = [0.0 if o.direction == "maximize" else math.inf for o in study.objectives]
     return values[0] if len(values) == 1 else values
 
@@ -226,9 +236,41 @@ def _spread(samples: list[float] | None) -> str:
     return f"{min(samples):,.2f}..{max(samples):,.2f}" if samples else "-"
 
 
-def _report(number: int, total: int | None, state: str, detail: str) -> None:
+def _report(trial: optuna.Trial, total: int | None, state: str, detail: str) -> None:
+    """One line per finished trial: its number (Optuna's, from 0: as in the table, the files and the
+    report), then how many of the study's trials are done (all workers'), this one included."""
     colour = {"ok": "green", "infeasible": "yellow", "FAILED": "red", "pruned": "yellow"}.get(state, "white")
-    console.print(f"trial {number + 1}{f'/{total}' if total else ''} [{colour}]{state}[/] {detail}")
+    done = len(trial.study.get_trials(deepcopy=False, states=FINISHED)) + 1
+    of = f" of {total}" if total else ""
+    console.print(f"trial {trial.number} [{colour}]{state}[/] {escape(detail)} [dim]({done}{of} trials done)[/]",
+                  soft_wrap=True)
+
+
+def delete_study(storage, name: str) -> None:
+    """--fresh: the stored study of this name goes (its result files stay, overwritten as trials rerun)."""
+    try:
+        count = len(optuna.load_study(study_name=name, storage=storage).get_trials(deepcopy=False))
+    except KeyError:
+        console.print(f"--fresh: no study {name!r} in the storage yet")
+        return
+    optuna.delete_study(study_name=name, storage=storage)
+    console.print(f"--fresh: deleted study {name!r} ({count} trials) from the storage")
+
+
+def first_failure(ostudy: optuna.Study) -> optuna.trial.FrozenTrial | None:
+    """When no trial measured anything (each failed or was refused), the first of them; else None."""
+    trials = ostudy.get_trials(deepcopy=False)
+    measured = [t for t in trials if t.state == TrialState.PRUNED
+                or t.state == TrialState.COMPLETE and "fail_kind" not in t.user_attrs]
+    failed = [t for t in trials if t.state == TrialState.FAIL or "fail_kind" in t.user_attrs]
+    return failed[0] if failed and not measured else None
+
+
+def failure_text(t: optuna.trial.FrozenTrial) -> str:
+    """A failed trial's reason and, where there is one, the whole detail (server log, traceback)."""
+    head = f"trial {t.number} ({t.user_attrs.get('fail_kind', 'error')}): {t.user_attrs.get('fail_reason', '?')}"
+    detail = t.user_attrs.get("fail_detail")
+    return head + (f"\n{detail}" if detail else "")
 
 
 def _json_safe(metrics: dict) -> dict:
@@ -277,7 +319,8 @@ def run_validation(ostudy: optuna.Study, study: StudyFile, opts: TuneOptions) ->
     previous = ostudy.user_attrs.get("validation")
     if previous and all(previous.get(k) == v for k, v in key.items()):
         return previous
-    console.print(f"validating trials {key['trials']} against the defaults: {study.study.validate_rounds} interleaved rounds")
+    console.print(f"validating trials {key['trials']} against the defaults: {study.study.validate_rounds} "
+                  "interleaved rounds")
     result = validate(study, opts, chosen, maximize) | key
     ostudy.set_user_attr("validation", result)
     return result
@@ -289,6 +332,14 @@ def _search_ratio(trial: optuna.trial.FrozenTrial, defaults: optuna.trial.Frozen
     if not defaults.values or not defaults.values[0]:
         return "defaults gave 0"
     return f"{trial.values[0] / defaults.values[0] - 1:+.1%} vs defaults in the search (not validated)"
+
+
+def _why_not_validated(study: StudyFile, best: list) -> str:
+    if not study.study.validate_rounds:
+        return "not validated (validate = 0)"
+    if len(study.objectives) > 1:
+        return "not validated (validation needs a single objective)"
+    return "not validated: no feasible searched trial to re-run against the defaults"
 
 
 def summarize(ostudy: optuna.Study, study: StudyFile, opts: TuneOptions, validation: dict | None = None) -> dict:
@@ -309,12 +360,12 @@ def summarize(ostudy: optuna.Study, study: StudyFile, opts: TuneOptions, validat
                "defaults": entry(defaults) if defaults else None,
                "best": [entry(t) | {"vs_defaults": checked.get(t.number) or _search_ratio(t, defaults)} for t in best],
                "validation": validation,
-               "verdict": validation["verdict"] if validation else "not validated (validate = 0)"}
+               "verdict": validation["verdict"] if validation else _why_not_validated(study, best)}
     for c in (validation or {}).get("candidates", []):
         c["serve_command"] = serve_command(model, c["flags"])
     if validation:
         winner = next((t for t in trials if t.number == validation["winner"]), None)
-        flags = winner.user_attrs["flags"] if winner else dict(study.server)
+        flags = winner.user_attrs["flags"] if winner else study.default_flags()
         summary["recommended"] = {"trial": validation["winner"], "serve_command": serve_command(model, flags),
                                   "verdict": validation["verdict"]}
     path = opts.results_dir / f"{opts.study_name}-best.json"

@@ -15,6 +15,11 @@ STUDIES_DIR = Path(__file__).resolve().parents[2] / "studies"
 DEFAULT_STUDY = Path(__file__).with_name("default.toml")
 
 
+# Searched keys whose "off" value the defaults trial runs with (it has no value of its own for them).
+OFF_VALUES = {"num_speculative_tokens": 0}
+SPECULATIVE_FLAGS = ("speculative_model", "speculative_config")
+
+
 class StudyError(ValueError):
     """A study file that cannot be used; the message names the file and the field."""
 
@@ -29,7 +34,7 @@ class Param(BaseModel):
     choices: list[Any] | None = None
 
     @model_validator(mode="after")
-    def _check(self) -> "Param":
+    def _check(self) -> Param:
         if self.type in ("float", "int"):
             if self.low is None or self.high is None:
                 raise ValueError(f"a {self.type} parameter needs low and high")
@@ -86,7 +91,8 @@ class StudyMeta(BaseModel):
     trial_timeout: float = Field(1800.0, gt=0)  # seconds a trial's workload may take
     baseline: bool = True  # trial 0 runs the defaults: only the [server] flags
     repeats: int = Field(1, ge=1)  # runs per trial against one server; the median is the value
-    validate_rounds: int = Field(0, ge=0, alias="validate")  # interleaved re-runs of the best and the defaults (>= 4 to tell); "validate" in TOML (BaseModel has a validate)
+    # Interleaved re-runs of the best and the defaults (>= 4 to tell); "validate" in TOML (BaseModel has a validate).
+    validate_rounds: int = Field(0, ge=0, alias="validate")
     validate_top: int = Field(2, ge=1)  # how many of the best configurations to re-run
     prune: float | None = Field(None, gt=0, le=1)  # stop a trial after its first repeat below this share of the best
     device_memory: str | None = None  # for the memory pre-check, e.g. "80GiB"; default: this machine's GPU
@@ -103,7 +109,7 @@ class StudyFile(BaseModel):
     capacity: CapacitySpec | None = None  # set: each run searches the highest load that meets the SLO
 
     @model_validator(mode="after")
-    def _check(self) -> "StudyFile":
+    def _check(self) -> StudyFile:
         if self.study.n_trials is None and self.study.timeout is None:
             raise ValueError("study: give n_trials or timeout (or both)")
         if self.study.sampler == "grid" and any(p.type == "float" and p.step is None
@@ -116,7 +122,15 @@ class StudyFile(BaseModel):
         clash = set(self.search_space) & set(self.server)
         if clash:
             raise ValueError(f"server and search_space both set {sorted(clash)}")
+        if "num_speculative_tokens" in self.search_space and not any(
+                k in self.server or k in self.search_space for k in SPECULATIVE_FLAGS):
+            raise ValueError('search_space.num_speculative_tokens needs server.speculative_model (e.g. "[ngram]" '
+                             "or a draft model); 0 means no speculation")
         return self
+
+    def default_flags(self) -> dict:
+        """The defaults trial's flags: the [server] flags, and searched keys that need a value, off."""
+        return dict(self.server) | {k: v for k, v in OFF_VALUES.items() if k in self.search_space}
 
 
 def find_study(name_or_path: str | None) -> Path:

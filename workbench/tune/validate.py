@@ -29,23 +29,25 @@ def candidates(trials: list[optuna.trial.FrozenTrial], top: int, maximize: bool)
 
 def validate(study, opts, chosen: list[optuna.trial.FrozenTrial], maximize: bool) -> dict:
     metric = study.objectives[0].metric
-    configs = [("defaults", dict(study.server))] + [(t.number, t.user_attrs["flags"]) for t in chosen]
+    configs = [("defaults", study.default_flags())] + [(t.number, t.user_attrs["flags"]) for t in chosen]
     samples: dict = {name: [] for name, _ in configs}
     failures: dict = {}
     rounds = study.study.validate_rounds
     for r in range(rounds):
         for name, flags in configs:
             label = f"{opts.study_name}-validate-{'defaults' if name == 'defaults' else f'trial{name}'}-v{r}"
+            who = f"validate round {r + 1}/{rounds} {'defaults' if name == 'defaults' else f'trial {name}'}"
             try:
-                m = measure(study, flags, opts.results_dir, opts.launch, label, [study.workload.seed + SEED_OFFSET + r])
+                m = measure(study, flags, opts.results_dir, opts.launch, label, [study.workload.seed + SEED_OFFSET + r],
+                            status=lambda text: console.print(f"{who}: {text}", markup=False, highlight=False,
+                                                              soft_wrap=True))
                 value = m.metrics.get(metric)
             except TrialFailed as exc:
                 failures.setdefault(str(name), []).append(str(exc)[:300])
                 value = None
             if value is not None:
                 samples[name].append(float(value))
-            console.print(f"validate round {r + 1}/{rounds} {'defaults' if name == 'defaults' else f'trial {name}'}: "
-                          f"{metric}={value if value is None else f'{value:,.2f}'}")
+            console.print(f"{who}: {metric}={value if value is None else f'{value:,.2f}'}")
     base = samples["defaults"]
     rows = []
     for t in chosen:
@@ -59,7 +61,7 @@ def validate(study, opts, chosen: list[optuna.trial.FrozenTrial], maximize: bool
     winners = [r for r in rows if r["comparison"]["significant"]]
     best = max(winners, key=lambda r: r["median"] * (1 if maximize else -1)) if winners else None
     return {"metric": metric, "rounds": rounds, "order": [str(n) for n, _ in configs],
-            "defaults": {"flags": dict(study.server), "samples": base,
+            "defaults": {"flags": study.default_flags(), "samples": base,
                          "median": statistics.median(base) if base else None},
             "candidates": rows, "failures": failures, "winner": best["trial"] if best else "defaults",
             "verdict": best["comparison"]["verdict"] if best else "no significant gain over defaults"}
