@@ -3,6 +3,7 @@ from engine.config import ConfigError, EngineConfig
 from engine.lora.request import LoRARequest
 from engine.outputs import CompletionOutput, Logprob, RequestOutput
 from engine.sampling_params import SamplingParams
+from engine.version import __version__
 
 
 def __getattr__(name: str):
@@ -15,5 +16,5 @@ def __getattr__(name: str):
     raise AttributeError(name)
 
 
-__all__ = ["LLM", "SamplingParams", "EngineConfig", "ConfigError", "RequestOutput", "CompletionOutput", "Logprob",
-           "LoRARequest"]
+__all__ = ["__version__", "LLM", "SamplingParams", "EngineConfig", "ConfigError", "RequestOutput", "CompletionOutput",
+           "Logprob", "LoRARequest"]

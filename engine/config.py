@@ -1,6 +1,8 @@
 """EngineConfig: every engine setting, built once from Python or CLI arguments and passed down explicitly."""
 from __future__ import annotations
 
+import functools
+import logging
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -10,12 +12,8 @@ from engine.spec_decode.config import SpecConfigError, SpeculativeConfig, build_
 
 GiB = 1 << 30
 
-# Options whose capability has not landed yet. They are accepted by name (so vLLM code and
-# command lines parse) and refused with a clear error when set to anything but the default.
-NOT_YET_SUPPORTED = {
-    "tensor_parallel_size": (1, "tensor parallelism"),
-    "pipeline_parallel_size": (1, "pipeline parallelism"),
-}
+
+EXECUTOR_BACKENDS = ("uni", "mp", "ray")  # vLLM's --distributed-executor-backend choices
 
 DTYPES = {"float16": torch.float16, "half": torch.float16, "bfloat16": torch.bfloat16,
           "float32": torch.float32, "float": torch.float32}
@@ -49,7 +47,12 @@ class EngineConfig:
     enforce_eager: bool = False
     max_seq_len_to_capture: int = 8192
     max_logprobs: int = 20
+    # The periodic stats line (engine/stat_logger.py): off offline, as in vLLM's LLM; the server turns it on
+    # unless --disable-log-stats.
     disable_log_stats: bool = True
+    # vLLM's switch for a checkpoint's own Python code. Accepted so vLLM code runs; it changes nothing
+    # here (every architecture is built in) and says so once in the log.
+    trust_remote_code: bool = False
     # LoRA adapters (vLLM's names): GPU slots (distinct adapters in one step), the largest rank, and
     # the adapters kept read in CPU memory (default: max_loras).
     enable_lora: bool = False
@@ -65,9 +68,11 @@ class EngineConfig:
     # AWQ/GPTQ checkpoints are detected from config.json; when given, this must name the checkpoint's
     # method ("awq", "gptq", or vLLM's aliases "awq_marlin", "gptq_marlin").
     quantization: str | None = None
-    # Not yet supported (see NOT_YET_SUPPORTED).
+    # Parallelism (engine/distributed/): tensor-parallel ranks per pipeline stage, pipeline stages, and
+    # how the workers run (None: in this process for one rank, worker processes ("mp") for more).
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
+    distributed_executor_backend: str | None = None
     # Filled in by resolve() from the checkpoint and the device.
     hf_config: Any = field(default=None, repr=False)
     torch_dtype: torch.dtype | None = field(default=None, repr=False)
@@ -76,10 +81,6 @@ class EngineConfig:
     speculative: SpeculativeConfig | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
-        for name, (default, what) in NOT_YET_SUPPORTED.items():
-            if getattr(self, name) != default:
-                raise ConfigError(f"{name}={getattr(self, name)!r} is not supported yet: {what} has not landed in "
-                                  f"this engine. Leave {name} at its default ({default!r}).")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ConfigError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.block_size not in (8, 16, 32, 64, 128):
@@ -93,6 +94,8 @@ class EngineConfig:
         if self.device not in ("auto", "cuda", "cpu"):
             raise ConfigError(f"device must be auto, cuda or cpu; got {self.device!r}")
         self._check_lora()
+        if self.trust_remote_code:
+            _note_no_remote_code()
         from engine.quantization.config import normalize_option
 
         normalize_option(self.quantization)  # a bad name fails before anything loads
@@ -106,6 +109,43 @@ class EngineConfig:
             self.device = "cuda" if torch.cuda.is_available() else "cpu"
         if self.device == "cuda" and not torch.cuda.is_available():
             raise ConfigError("device='cuda' was asked for but torch sees no CUDA device")
+        self._check_parallel()
+
+    @property
+    def world_size(self) -> int:
+        return self.tensor_parallel_size * self.pipeline_parallel_size
+
+    @property
+    def executor_backend(self) -> str:
+        """'uni' (the worker in this process) or 'mp' (one worker process per rank)."""
+        return self.distributed_executor_backend or ("uni" if self.world_size == 1 else "mp")
+
+    def _check_parallel(self) -> None:
+        for name in ("tensor_parallel_size", "pipeline_parallel_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        backend = self.distributed_executor_backend
+        if backend is not None and backend not in EXECUTOR_BACKENDS:
+            raise ConfigError(f"distributed_executor_backend must be one of {', '.join(EXECUTOR_BACKENDS)}; "
+                              f"got {backend!r}")
+        if backend == "ray":
+            raise ConfigError("distributed_executor_backend='ray' needs Ray, which this engine does not drive (and is "
+                              "not installed here); use 'mp' (worker processes on this host)")
+        if backend == "uni" and self.world_size > 1:
+            raise ConfigError(f"distributed_executor_backend='uni' runs one worker in this process, but "
+                              f"tensor_parallel_size x pipeline_parallel_size = {self.world_size}; use 'mp'")
+        if self.world_size > 1 and self.enable_lora:
+            raise ConfigError("enable_lora with tensor_parallel_size or pipeline_parallel_size > 1 is not supported "
+                              "yet: LoRA adapters are not sharded")
+        if self.world_size > 1 and self.quantization is not None:
+            raise ConfigError("quantization with tensor_parallel_size or pipeline_parallel_size > 1 is not supported "
+                              "yet: quantized weights are not sharded")
+        if self.world_size > 1 and self.speculative is not None:
+            raise ConfigError("speculative decoding with tensor_parallel_size or pipeline_parallel_size > 1 is not "
+                              "supported yet: the draft model runs in the engine's one worker")
+        if self.device == "cuda" and self.world_size > torch.cuda.device_count():
+            raise ConfigError(f"tensor_parallel_size x pipeline_parallel_size = {self.world_size} needs as many GPUs; "
+                              f"torch sees {torch.cuda.device_count()}")
 
     def _check_lora(self) -> None:
         if self.max_loras < 1:
@@ -132,6 +172,9 @@ class EngineConfig:
 
         self.hf_config = hf_config
         self.quant_config = resolve_quantization(self.quantization, hf_config)
+        if self.quant_config is not None and self.world_size > 1:  # detected from the checkpoint's config.json
+            raise ConfigError(f"{self.quant_config.method.upper()} checkpoints with tensor_parallel_size or "
+                              "pipeline_parallel_size > 1 are not supported yet: quantized weights are not sharded")
         self.torch_dtype = _pick_dtype(self.dtype, hf_config, self.device)
         model_max = int(getattr(hf_config, "max_position_embeddings", 2048) or 2048)
         if self.max_model_len is None:
@@ -152,10 +195,36 @@ class EngineConfig:
                               f"({self.max_num_seqs}) so that every running sequence can decode in one step")
         if self.device == "cpu" and self.kv_cache_memory is None and self.num_gpu_blocks_override is None:
             self.kv_cache_memory = 1 * GiB
+        check_parallel_shapes(hf_config, self.tensor_parallel_size, self.pipeline_parallel_size)
 
     @property
     def name(self) -> str:
         return self.served_model_name or self.model
+
+
+@functools.cache  # once per process, however many configs are built
+def _note_no_remote_code() -> None:
+    logging.getLogger("engine").warning(
+        "trust_remote_code=True has no effect: this engine builds its supported architectures itself and never "
+        "runs a checkpoint's own code")
+
+
+def check_parallel_shapes(hf_config: Any, tp: int, pp: int) -> None:
+    """The model must split over the ranks: heads and the MLP evenly over tp, KV heads split or replicated
+    evenly, at least one layer per pipeline stage. (The vocabulary needs nothing: its last shard is padded.)"""
+    heads = hf_config.num_attention_heads
+    kv_heads = getattr(hf_config, "num_key_value_heads", None) or heads
+    if heads % tp:
+        raise ConfigError(f"num_attention_heads ({heads}) must be divisible by tensor_parallel_size ({tp})")
+    if kv_heads % tp and tp % kv_heads:
+        raise ConfigError(f"num_key_value_heads ({kv_heads}) must divide or be divisible by "
+                          f"tensor_parallel_size ({tp})")
+    if hf_config.intermediate_size % tp:
+        raise ConfigError(f"intermediate_size ({hf_config.intermediate_size}) must be divisible by "
+                          f"tensor_parallel_size ({tp})")
+    if hf_config.num_hidden_layers < pp:
+        raise ConfigError(f"pipeline_parallel_size ({pp}) exceeds num_hidden_layers ({hf_config.num_hidden_layers}): "
+                          "every stage needs a layer")
 
 
 def _pick_dtype(dtype: str, hf_config: Any, device: str) -> torch.dtype:

@@ -14,11 +14,12 @@ import gc
 import logging
 import os
 import time
+from collections import deque
 from dataclasses import dataclass
 
 from engine.block_manager import BlockManager
 from engine.config import EngineConfig
-from engine.executor import PendingModelOutput, UniprocExecutor
+from engine.executor import PendingModelOutput, WorkerFailure, make_executor
 from engine.lora.request import LoRAError, LoRARequest
 from engine.messages import CoreOutput, CoreRequest, EngineStats
 from engine.model_loader import load_hf_config, load_tokenizer
@@ -28,6 +29,7 @@ from engine.scheduler import ScheduledStep, Scheduler
 from engine.scheduler_output import RequestSampling
 from engine.sequence import Sequence
 from engine.spec_decode import scheduling as spec_scheduling
+from engine.stat_logger import StatLogger, log_stats_interval
 from engine.step_timer import StepTimer
 
 log = logging.getLogger("engine")
@@ -35,7 +37,7 @@ log = logging.getLogger("engine")
 
 @dataclass
 class PendingStep:
-    """The step whose sampled tokens the host has not read yet."""
+    """A step whose sampled tokens the host has not read yet."""
     step: ScheduledStep
     output: PendingModelOutput
 
@@ -43,6 +45,8 @@ class PendingStep:
 class EngineCore:
     def __init__(self, config: EngineConfig):
         start = time.perf_counter()
+        # First, so that a bad VLLM_LOG_STATS_INTERVAL fails before the model loads.
+        self.stat_logger = None if config.disable_log_stats else StatLogger(log_stats_interval())
         self.model_dir = resolve_model(config.model, with_weights=config.load_format != "dummy")
         hf_config = load_hf_config(self.model_dir)
         config.resolve(hf_config)
@@ -53,7 +57,7 @@ class EngineCore:
         self.eos_token_ids = eos_token_ids(tokenizer, self.model_dir)
         self.vocab_size = hf_config.vocab_size
         self.step_timer = StepTimer()
-        self.executor = UniprocExecutor(config, self.model_dir, self.step_timer)
+        self.executor = make_executor(config, self.model_dir, self.step_timer)
         num_blocks = self.executor.determine_num_blocks()
         self.executor.initialize_cache(num_blocks)
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
@@ -63,12 +67,16 @@ class EngineCore:
                                             if "request" in self._faults else None)
         self.requests: dict[str, Sequence] = {}
         self._finished_outputs: list[CoreOutput] = []  # aborts and failures, reported with the next step
-        self._pending: PendingStep | None = None
+        # Steps launched and not read yet, oldest first. After each step() at most `max_unread` remain:
+        # one (the one-step overlap), or one per pipeline stage, so that every stage has a step to run
+        # while the host reads the oldest (the scheduler keeps their requests disjoint).
+        self._in_flight: deque[PendingStep] = deque()
         self._counters = {"prompt_tokens": 0, "generation_tokens": 0, "steps": 0, "scheduled_tokens": 0}
-        # Speculative decoding runs each step to its end before the next is scheduled: the next step's
-        # drafts and token counts depend on how many of this step's drafts were accepted.
+        # Speculative decoding runs each step to its end before the next is scheduled (none unread): the
+        # next step's drafts and token counts depend on how many of this step's drafts were accepted.
         self.spec_stats = (spec_scheduling.SpecDecodeStats(config.num_spec_tokens) if config.speculative
                            else None)
+        self.max_unread = 0 if self.spec_stats is not None else config.pipeline_parallel_size
         # The start-up heap (torch, transformers, the model) is never garbage, yet the collector's full
         # passes walk it: one pauses a step for a third of a second on a 0.5B run. Frozen, they skip it
         # (as vLLM does); unfrozen at exit, so that the interpreter's last collection still sees it.
@@ -79,12 +87,15 @@ class EngineCore:
                  "max_num_batched_tokens %d, prefix caching %s, chunked prefill %s, CUDA graphs %s",
                  time.perf_counter() - start, self.model_dir, config.device, config.torch_dtype, config.max_model_len,
                  num_blocks, config.max_num_seqs, config.max_num_batched_tokens,
-                 config.enable_prefix_caching, config.enable_chunked_prefill, bool(self.runner.graphs))
+                 config.enable_prefix_caching, config.enable_chunked_prefill,
+                 bool(self.runner.graphs) if self.runner is not None else "(in the workers)")
+        self.log_stats()  # the first interval starts now
 
     @property
     def runner(self):
-        """The in-process worker's model runner (benchmarks and tests look inside)."""
-        return self.executor.worker.runner
+        """The in-process worker's model runner (benchmarks and tests look inside); None when the workers
+        are processes of their own."""
+        return getattr(self.executor, "runner", None)
 
     # ---------------------------------------------------------------- requests
     def add_request(self, request: CoreRequest) -> Sequence:
@@ -182,17 +193,19 @@ class EngineCore:
             return outputs + self._finish_pending()
         try:
             launched = self._launch(step)
+        except WorkerFailure:
+            raise
         except Exception as exc:  # the step's requests fail; the engine goes on with the rest
             log.exception("model step failed for %d sequences", len(step.seqs))
-            outputs += self._finish_pending()
+            while self._in_flight:
+                outputs += self._finish_pending()
             self._fail(step.seqs, exc)
             return outputs + self._take_finished()
         self._counters["steps"] += 1
         self._counters["scheduled_tokens"] += step.num_tokens
-        outputs += self._finish_pending()  # overlaps this step's device work
-        self._pending = PendingStep(step, launched)
-        if self.spec_stats is not None:
-            outputs += self._finish_pending()
+        self._in_flight.append(PendingStep(step, launched))
+        while len(self._in_flight) > self.max_unread:
+            outputs += self._finish_pending()  # overlaps the device work of the steps after it
         return outputs + self._take_finished()
 
     def _launch(self, step: ScheduledStep) -> PendingModelOutput:
@@ -205,7 +218,7 @@ class EngineCore:
 
     def fail_all(self, message: str) -> list[CoreOutput]:
         """Fail every request (after a fault the core cannot pin on some of them); returns their outputs."""
-        self._pending = None
+        self._in_flight.clear()
         failed = list(self.requests.values())
         self._fail(failed, RuntimeError(message))
         return self._take_finished()
@@ -226,13 +239,15 @@ class EngineCore:
             self._finished_outputs.append(CoreOutput(seq.request_id, [], finish_reason="error", error=message))
 
     def _finish_pending(self) -> list[CoreOutput]:
-        """Read the in-flight step's tokens (waiting for its device work if need be) and hand them
-        to output handling; finish what stopped."""
-        pending, self._pending = self._pending, None
-        if pending is None:
+        """Read the oldest in-flight step's tokens (waiting for its device work if need be) and hand
+        them to output handling; finish what stopped."""
+        if not self._in_flight:
             return []
+        pending = self._in_flight.popleft()
         try:
             result = pending.output.result()
+        except WorkerFailure:
+            raise
         except Exception as exc:
             log.exception("reading the sampled tokens failed")
             self._fail(pending.step.seqs, exc)
@@ -259,11 +274,16 @@ class EngineCore:
             raise RuntimeError(f"injected {where} fault (PAGEDBENCH_TEST_FAULTS)")
 
     def shutdown(self) -> None:
-        """Free the device memory; the core cannot step afterwards."""
-        self._pending = None
+        """Free the device memory (and stop the worker processes); the core cannot step afterwards."""
+        self._in_flight.clear()
         self.executor.shutdown()
 
     # ---------------------------------------------------------------- stats
+    def log_stats(self) -> None:
+        """The periodic stats line (engine/stat_logger.py), when one is due; cheap when not."""
+        if self.stat_logger is not None and self.stat_logger.due():
+            self.stat_logger.observe(self.get_stats())
+
     def get_stats(self) -> EngineStats:
         bm = self.block_manager
         spec = self.spec_stats or spec_scheduling.SpecDecodeStats(0)

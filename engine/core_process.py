@@ -25,6 +25,7 @@ import msgspec
 import zmq
 
 from engine.config import EngineConfig
+from engine.executor import WorkerFailure
 from engine.lora.registry import LoRARegistry
 from engine.lora.request import LoRAError
 from engine.messages import (
@@ -201,6 +202,7 @@ class CoreLoop:
                     log.error("the server process is gone; the engine core exits")
                     return False
                 if block:
+                    self.core.log_stats()  # idle: the line that says so, once
                     continue
                 return True
             kind, payload = self.inbox.recv_multipart(copy=True)
@@ -255,12 +257,16 @@ class CoreLoop:
         try:
             outputs = self.core.step()
             self.failures = 0
+        except WorkerFailure as exc:  # a worker process is gone: nothing can run any more
+            log.error("the engine's workers failed; the engine core exits: %s", exc)
+            raise SystemExit(f"the engine's workers failed: {exc}") from exc
         except Exception as exc:  # a fault outside one request: fail what runs, keep serving
             self.failures += 1
             log.exception("engine step failed (%d in a row)", self.failures)
             if self.failures >= MAX_CONSECUTIVE_STEP_FAILURES:
                 raise SystemExit(f"the engine step failed {self.failures} times in a row: {exc!r}") from exc
             outputs = self.core.fail_all(f"engine step failed: {exc!r}")
+        self.core.log_stats()
         if len(self.outboxes) == 1:
             self.send({0: outputs})
             return

@@ -5,8 +5,8 @@ later (each applying the same plan to its own persistent batch and shard).
 
 `execute_model` returns once the step is launched, with a handle whose `result()` gives the
 ModelRunnerOutput: the core launches step N+1 before it reads step N's tokens (the one-step
-overlap, see EngineCore.step). A multi-process executor returns the same kind of handle over its
-IPC channel.
+overlap, see EngineCore.step). The multi-process executor (engine/executor_mp.py: one worker process
+per tensor/pipeline rank) returns the same kind of handle over its IPC channel.
 """
 from __future__ import annotations
 
@@ -24,11 +24,28 @@ class PendingModelOutput(Protocol):
     def result(self) -> ModelRunnerOutput: ...
 
 
+class WorkerFailure(RuntimeError):
+    """A worker process died or failed: the engine cannot go on (the core lets this through)."""
+
+
+def make_executor(config: EngineConfig, model_dir: Path, timer: StepTimer):
+    """The in-process worker, or one worker process per rank (config.executor_backend)."""
+    if config.executor_backend == "mp":
+        from engine.executor_mp import MultiprocExecutor
+
+        return MultiprocExecutor(config, model_dir)
+    return UniprocExecutor(config, model_dir, timer)
+
+
 class UniprocExecutor:
     """One worker, in this process."""
 
     def __init__(self, config: EngineConfig, model_dir: Path, timer: StepTimer):
         self.worker = Worker(config, model_dir, timer)
+
+    @property
+    def runner(self):
+        return self.worker.runner
 
     def determine_num_blocks(self) -> int:
         return self.worker.determine_num_blocks()

@@ -1,5 +1,9 @@
 """How many KV blocks fit: on GPU, what is left of `gpu_memory_utilization` after weights, the
-peak of a profiling forward pass and the CUDA graphs; on CPU, `kv_cache_memory` bytes."""
+peak of a profiling forward pass and the CUDA graphs; on CPU, `kv_cache_memory` bytes.
+
+Under tensor/pipeline parallelism every figure is one rank's: a rank caches its own layers (its
+pipeline stage's) and its own KV heads, and `kv_cache_memory` is per rank, as vLLM's per-GPU sizes.
+Every rank uses the same block ids, so the engine takes the fewest blocks any rank can hold."""
 from __future__ import annotations
 
 import logging
@@ -8,16 +12,22 @@ from dataclasses import dataclass
 import torch
 
 from engine.config import ConfigError, EngineConfig, GiB
-from engine.models.llama import head_dim_of
+from engine.distributed.state import SINGLE, ParallelRank
+from engine.models.llama import head_dim_of, local_kv_heads
 
 log = logging.getLogger("engine")
 
 
-def bytes_per_block(config: EngineConfig) -> int:
+def cache_layout(config: EngineConfig, par: ParallelRank) -> tuple[int, int, int, int]:
+    """This rank's (layers, block size, KV heads, head dim)."""
     hf = config.hf_config
-    kv_heads = getattr(hf, "num_key_value_heads", None) or hf.num_attention_heads
+    return len(par.layer_range(hf.num_hidden_layers)), config.block_size, local_kv_heads(hf, par), head_dim_of(hf)
+
+
+def bytes_per_block(config: EngineConfig, par: ParallelRank = SINGLE) -> int:
+    layers, block, kv_heads, head_dim = cache_layout(config, par)
     elem = torch.empty(0, dtype=config.torch_dtype).element_size()
-    return hf.num_hidden_layers * 2 * config.block_size * kv_heads * head_dim_of(hf) * elem
+    return layers * 2 * block * kv_heads * head_dim * elem
 
 
 @dataclass
@@ -63,8 +73,8 @@ def kv_cache_bytes(caches: list[tuple[torch.Tensor, torch.Tensor]]) -> int:
     return sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in caches)
 
 
-def num_blocks_for(config: EngineConfig, kv_budget: int | None) -> int:
-    per_block = bytes_per_block(config)
+def num_blocks_for(config: EngineConfig, kv_budget: int | None, par: ParallelRank = SINGLE) -> int:
+    per_block = bytes_per_block(config, par)
     if config.num_gpu_blocks_override is not None:
         num_blocks = config.num_gpu_blocks_override
     elif config.kv_cache_memory is not None:
@@ -81,13 +91,12 @@ def num_blocks_for(config: EngineConfig, kv_budget: int | None) -> int:
     return num_blocks
 
 
-def allocate_kv_cache(config: EngineConfig, num_blocks: int,
-                      device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    hf = config.hf_config
-    kv_heads = getattr(hf, "num_key_value_heads", None) or hf.num_attention_heads
-    shape = (num_blocks, config.block_size, kv_heads, head_dim_of(hf))
+def allocate_kv_cache(config: EngineConfig, num_blocks: int, device: torch.device,
+                      par: ParallelRank = SINGLE) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    layers, block, kv_heads, head_dim = cache_layout(config, par)
+    shape = (num_blocks, block, kv_heads, head_dim)
     # Zeros on GPU (a cheap memset) so that padded rows of CUDA-graph batches read finite values;
     # empty on CPU, where untouched pages then cost nothing.
     make = torch.zeros if device.type == "cuda" else torch.empty
     return [(make(shape, dtype=config.torch_dtype, device=device), make(shape, dtype=config.torch_dtype, device=device))
-            for _ in range(hf.num_hidden_layers)]
+            for _ in range(layers)]

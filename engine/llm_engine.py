@@ -91,6 +91,7 @@ class LLMEngine:
         outputs = [self.processor.make_output(state) for state in processed.touched
                    if state.finished or state.params.output_kind != final_only]
         self.core.step_timer.lap("frontend")
+        self.core.log_stats()  # LLM(..., disable_log_stats=False): the server's periodic line, offline
         return outputs
 
     def shutdown(self) -> None:

@@ -1,5 +1,9 @@
 """Load a Hugging Face model directory: config, tokenizer, and safetensors weights (one file or
-sharded with an index), or seeded dummy weights for load_format="dummy"."""
+sharded with an index), or seeded dummy weights for load_format="dummy".
+
+Under tensor or pipeline parallelism each rank builds its part of the model (engine/models/llama.py)
+and reads only what it holds: tensors of another stage's layers are skipped by name, and a sharded
+layer (engine/layers/parallel.py) reads its slice of a tensor through safetensors' lazy slices."""
 from __future__ import annotations
 
 import json
@@ -10,7 +14,9 @@ from safetensors import safe_open
 from torch import nn
 
 from engine.config import ConfigError
+from engine.distributed.state import SINGLE, ParallelRank
 from engine.layers.linear import Linear
+from engine.layers.parallel import LazyTensor
 from engine.models.llama import ARCHITECTURES
 
 
@@ -53,14 +59,15 @@ def load_tokenizer(path: Path):
 
 
 def build_model(hf_config, dtype: torch.dtype, device: torch.device, model_dir: Path, load_format: str,
-                seed: int, quant_config=None) -> nn.Module:
-    """`quant_config`: the checkpoint's QuantConfig (engine/quantization/config.py), None when dense."""
+                seed: int, quant_config=None, par: ParallelRank = SINGLE) -> nn.Module:
+    """`quant_config`: the checkpoint's QuantConfig (engine/quantization/config.py), None when dense;
+    `par`: this worker's place in the tensor/pipeline grid (it builds and loads only its shard)."""
     model_cls = ARCHITECTURES[hf_config.architectures[0]]
     with torch.device(device):
         default_dtype = torch.get_default_dtype()
         torch.set_default_dtype(dtype)
         try:
-            model = model_cls(hf_config, quant_config)
+            model = model_cls(hf_config, par, quant_config)
         finally:
             torch.set_default_dtype(default_dtype)
     if load_format == "dummy":
@@ -109,9 +116,11 @@ def load_weights(model: nn.Module, model_dir: Path) -> None:
     for file in checkpoint_files(model_dir):
         with safe_open(str(file), framework="pt") as f:
             for name in f.keys():
-                if "rotary_emb.inv_freq" in name:
-                    continue
-                target, shard = _load_one(model, params, name, f.get_tensor(name))
+                local = model.checkpoint_name(name)
+                if local is None or "rotary_emb.inv_freq" in name:
+                    continue  # another pipeline stage's tensor, or a buffer we compute
+                lazy = f.get_slice(name)
+                target, shard = _load_one(model, params, local, LazyTensor(lazy, lazy.get_shape()))
                 shards_seen.setdefault(target, set()).add(shard)
     if getattr(model, "tie_word_embeddings", False) and "model.embed_tokens.weight" in shards_seen:
         shards_seen["lm_head.weight"] = {0}
@@ -126,9 +135,9 @@ def load_weights(model: nn.Module, model_dir: Path) -> None:
                           f"e.g. {missing[:3]}")
 
 
-def _load_one(model: nn.Module, params: dict, name: str, tensor: torch.Tensor) -> tuple[str, int]:
-    """Copy one checkpoint tensor into its parameter, or into its shard of a merged one.
-    Returns (parameter name, shard index)."""
+def _load_one(model: nn.Module, params: dict, name: str, lazy: LazyTensor) -> tuple[str, int]:
+    """Copy one checkpoint tensor into its parameter, or into its shard of a merged one (a sharded
+    layer reads its slice only). Returns (parameter name, shard index)."""
     target, shard = name, 0
     for piece, (merged, index) in model.packed_shards.items():
         if f".{piece}." in name:
@@ -136,9 +145,13 @@ def _load_one(model: nn.Module, params: dict, name: str, tensor: torch.Tensor) -
             break
     module_name, param_name = target.rsplit(".", 1) if "." in target else ("", target)
     module = _submodule(model, module_name)
-    if isinstance(module, Linear):  # dense or quantized: the layer's method knows its layout
-        module.load_shard(param_name, shard, tensor)
+    if hasattr(module, "load_checkpoint") and param_name in ("weight", "bias"):
+        module.load_checkpoint(param_name, shard, lazy)  # a row-parallel bias: only tensor rank 0 holds one
         return target, shard
+    if isinstance(module, Linear):  # dense or quantized: the layer's method knows its layout
+        module.load_shard(param_name, shard, lazy.read())
+        return target, shard
+    tensor = lazy.read()
     if name not in params:
         raise ConfigError(f"checkpoint tensor {name!r} matches no parameter of {type(model).__name__}")
     param = params[name]

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from engine.config import EngineConfig
+from engine.distributed.stage import PipelineStage
 from engine.input_batch import InputBatch, RequestState, apply_plan, host_array
 from engine.layers.attention import AttentionMetadata
 from engine.lora.layers import LoRAMapping
@@ -174,9 +175,11 @@ class PendingOutput:
 
 class ModelRunner:
     def __init__(self, config: EngineConfig, model: torch.nn.Module, device: torch.device,
-                 timer: StepTimer | None = None, lora: LoRAManager | None = None):
+                 timer: StepTimer | None = None, lora: LoRAManager | None = None, stage: PipelineStage | None = None):
+        """`stage`: this worker's link to its pipeline neighbours (None: the whole model is here)."""
         self.config = config
         self.model = model
+        self.stage = stage
         self.device = device
         self.timer = timer or StepTimer()
         self.block_size = config.block_size
@@ -229,7 +232,7 @@ class ModelRunner:
     @torch.inference_mode()
     def execute_model(self, plan: SchedulerOutput) -> PendingOutput:
         inputs, logits = self.forward_step(plan)
-        if inputs is None:
+        if logits is None:  # nothing scheduled, or a pipeline stage before the last (it samples nothing)
             return PendingOutput([], np.zeros(0, dtype=bool), None, None, self.timer)
         batch, rows = self.batch, inputs.num_rows
         verify = None
@@ -265,7 +268,10 @@ class ModelRunner:
             self.graphs[inputs.graph_size].replay()
             hidden = self.graph_hidden[:inputs.num_rows]
         else:
-            hidden = self.model(inputs.input_ids, inputs.positions, inputs.meta, inputs.lora)
+            hidden = self._run_model(inputs)
+            if hidden is None:
+                self.timer.lap("forward")
+                return inputs, None
         if inputs.prompt_rows:
             inputs.prompt_scores = score_prompt_rows(self.model.compute_logits, hidden, inputs.prompt_rows,
                                                      self.vocab_size)
@@ -274,6 +280,19 @@ class ModelRunner:
         logits = self.model.compute_logits(hidden)
         self.timer.lap("forward")
         return inputs, logits
+
+    def _run_model(self, inputs: StepInputs) -> torch.Tensor | None:
+        """The eager forward: the final hidden states, or None on a pipeline stage before the last (which
+        sends its activations on to the next stage instead)."""
+        stage = self.stage
+        if stage is None:
+            return self.model(inputs.input_ids, inputs.positions, inputs.meta, inputs.lora)
+        intermediate = None if stage.is_first else stage.receive(inputs.num_tokens)
+        out = self.model(inputs.input_ids, inputs.positions, inputs.meta, inputs.lora, intermediate)
+        if stage.is_last:
+            return out
+        stage.send(out)
+        return None
 
     def _wait_for_input_copies(self) -> None:
         """The host buffers of the previous step's input copies are rewritten now: wait until those

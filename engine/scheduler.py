@@ -11,6 +11,13 @@ the token a step will sample) as it schedules, from the same numbers it sends to
 nothing else needs to write them (engine/sequence.py). A running sequence whose one remaining token
 is its last (max_tokens or max_model_len reached once that token arrives) is not scheduled again:
 its length stop is certain, and computing it would waste a row.
+
+Pipeline parallelism (vLLM v1's way): the core keeps several steps in flight, one per stage, and a
+request whose sampled token is still in flight is not scheduled again until the token is back (the
+first stage needs it as input, and only the last stage has it). A step then takes at most
+max_num_seqs / pipeline_parallel_size sequences, so that the running requests split into batches
+that follow each other through the stages. (A prompt's chunks need no token between them, so they
+may follow each other down the pipeline: each stage runs the steps in order.)
 """
 from __future__ import annotations
 
@@ -68,6 +75,8 @@ class Scheduler:
         self.max_loras = config.max_loras if config.enable_lora else 0
         self.max_num_batched_tokens = config.max_num_batched_tokens
         self.chunked_prefill = config.enable_chunked_prefill
+        self.pipelined = config.pipeline_parallel_size > 1
+        self.max_seqs_per_step = -(-config.max_num_seqs // config.pipeline_parallel_size)
         self.block_manager = block_manager
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
@@ -90,12 +99,15 @@ class Scheduler:
         block_size = self.block_manager.block_size
         fast_decode = not self.block_manager.enable_prefix_caching
         running = SequenceStatus.RUNNING
+        pipelined, cap = self.pipelined, self.max_seqs_per_step
         for seq in list(self.running):  # the per-sequence loop of every step: the scheduler reads its own
             if seq.status is not running:  # counters directly (engine/sequence.py)
                 continue  # preempted earlier in this loop
             num_tokens, num_computed = seq._num_tokens, seq._num_computed_tokens
             if num_tokens >= seq.max_num_tokens:
                 continue  # its one uncomputed token is its last: nothing left to compute
+            if pipelined and (num_tokens > len(seq.token_ids) or len(scheduled) >= cap):
+                continue  # its token is still in the pipeline, or this step is full
             num_new = min(num_tokens - num_computed, budget)
             if num_new == 0:
                 continue
@@ -141,7 +153,8 @@ class Scheduler:
         # keeps its place; requests behind it with a running adapter, or none, go ahead).
         adapters = {s.lora_id for s in self.running if s.lora_id}
         held: list[Sequence] = []
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+        while (self.waiting and budget > 0 and len(self.running) < self.max_num_seqs
+               and len(scheduled) < self.max_seqs_per_step):
             seq = self.waiting[0]
             if seq.num_pending_tokens:
                 break  # preempted with a token in flight: it comes back once that token is known

@@ -1,6 +1,6 @@
 """A worker: one device's model, KV cache and model runner. The executor (engine/executor.py)
-drives it with step plans only; a tensor- or pipeline-parallel worker in its own process will be
-this same class, holding its shard.
+drives it with step plans only; a tensor- or pipeline-parallel worker in its own process
+(engine/executor_mp.py) is this same class, holding its rank's shard and its stage's layers.
 
 Memory sizing (GPU), as vLLM users expect it: weights are loaded, then the largest step the
 scheduler can produce runs through the real path (plan -> persistent batch -> inputs -> forward ->
@@ -18,6 +18,8 @@ from pathlib import Path
 import torch
 
 from engine.config import EngineConfig
+from engine.distributed.stage import PipelineStage
+from engine.distributed.state import SINGLE, ParallelRank
 from engine.kv_cache import (
     MemoryProfile,
     allocate_kv_cache,
@@ -43,9 +45,12 @@ def device_used() -> int:
 
 
 class Worker:
-    def __init__(self, config: EngineConfig, model_dir: Path, timer: StepTimer):
+    def __init__(self, config: EngineConfig, model_dir: Path, timer: StepTimer, par: ParallelRank = SINGLE,
+                 device: torch.device | None = None):
+        """`par`: this worker's rank in the tensor x pipeline grid; `device`: its device (default config.device)."""
         self.config = config
-        self.device = torch.device(config.device)
+        self.par = par
+        self.device = device or torch.device(config.device)
         torch.manual_seed(config.seed)
         cuda = self.device.type == "cuda"
         if cuda:
@@ -53,15 +58,19 @@ class Worker:
         allocated = torch.cuda.memory_allocated if cuda else (lambda: 0)
         self.earlier = allocated()  # this process's tensors from before (another engine, a benchmark's)
         model = build_model(config.hf_config, config.torch_dtype, self.device, model_dir, config.load_format,
-                            config.seed, config.quant_config)
+                            config.seed, config.quant_config, par)
         # The adapters' GPU slots are weights too (allocated once, whatever the batch).
         self.lora = LoRAManager(model, LoRASettings(config.max_loras, config.max_lora_rank, config.max_cpu_loras),
                                 config.torch_dtype, self.device) if config.enable_lora else None
         # Speculative decoding's proposer (a draft model's weights count as weights).
         spec = build_spec_decoder(config, self.device) if config.speculative is not None else None
         self.weights = allocated() - self.earlier
-        self.runner = ModelRunner(config, model, self.device, timer, self.lora)
+        stage = PipelineStage(par, config.hf_config.hidden_size, config.torch_dtype, self.device) \
+            if par.pp_size > 1 else None
+        self.runner = ModelRunner(config, model, self.device, timer, self.lora, stage)
         self.runner.spec = spec
+        # A later pipeline stage's graph would have to start from received activations: eager for now.
+        self.use_graphs = cuda and not config.enforce_eager and par.pp_size == 1
         self.batch_buffers = allocated() - self.earlier - self.weights
         self.memory_profile: MemoryProfile | None = None
 
@@ -74,9 +83,9 @@ class Worker:
 
     def determine_num_blocks(self) -> int:
         budget = None if self.device.type != "cuda" else self._profile().kv_budget
-        if self.draft is not None:
+        if self.draft is not None:  # one rank only (speculation is refused with more)
             return self.draft.split_kv_budget(self.config, budget)
-        return num_blocks_for(self.config, budget)
+        return num_blocks_for(self.config, budget, self.par)
 
     @torch.inference_mode()
     def _profile(self) -> MemoryProfile:
@@ -85,7 +94,7 @@ class Worker:
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-        scratch = allocate_kv_cache(cfg, num_blocks, self.device)
+        scratch = allocate_kv_cache(cfg, num_blocks, self.device, self.par)
         runner.bind_cache(scratch)
         runner.run_profile_plan(plan)
         torch.cuda.synchronize()
@@ -95,7 +104,7 @@ class Worker:
         del scratch
         torch.cuda.empty_cache()
         non_torch = max(0, device_used() - torch.cuda.memory_reserved())
-        graphs = 0 if cfg.enforce_eager else self._trial_graph_bytes()
+        graphs = self._trial_graph_bytes() if self.use_graphs else 0
         self.memory_profile = check_kv_budget(cfg, MemoryProfile(
             total=torch.cuda.mem_get_info()[1], utilization=cfg.gpu_memory_utilization, earlier=self.earlier,
             weights=self.weights,
@@ -108,7 +117,7 @@ class Worker:
         """Capture the largest decode graph against a one-block cache and measure what it took."""
         runner = self.runner
         bs = max(graph_batch_sizes(self.config.max_num_seqs))
-        runner.bind_cache(allocate_kv_cache(self.config, 1, self.device))
+        runner.bind_cache(allocate_kv_cache(self.config, 1, self.device, self.par))
         runner.warm_up_graph(bs)  # compiles and autotunes outside the measured window
         torch.cuda.synchronize()
         torch.cuda.empty_cache()  # as capturing does: the cache's release must not offset the graph's take
@@ -124,14 +133,15 @@ class Worker:
         return taken
 
     def initialize_cache(self, num_blocks: int) -> None:
-        self.runner.bind_cache(allocate_kv_cache(self.config, num_blocks, self.device))
+        self.runner.bind_cache(allocate_kv_cache(self.config, num_blocks, self.device, self.par))
         if self.draft is not None:
             self.draft.initialize_cache(num_blocks)
-        if self.device.type == "cuda" and not self.config.enforce_eager:
+        if self.use_graphs:
             taken = self.runner.capture_graphs()
             profiled = self.memory_profile.cuda_graphs if self.memory_profile else 0
             log.info("CUDA graphs took %.2f GiB (%.2f GiB set aside by the profile); KV cache %d blocks of %.3f MiB",
-                     taken / (1 << 30), profiled / (1 << 30), num_blocks, bytes_per_block(self.config) / (1 << 20))
+                     taken / (1 << 30), profiled / (1 << 30), num_blocks,
+                     bytes_per_block(self.config, self.par) / (1 << 20))
 
     # ---------------------------------------------------------------- steps
     def execute_model(self, plan: SchedulerOutput) -> PendingOutput:

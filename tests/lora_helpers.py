@@ -2,6 +2,7 @@
 a direct prefill through our model with a LoRA mapping (no scheduler, no runner)."""
 from __future__ import annotations
 
+import zlib
 from functools import cache
 from pathlib import Path
 
@@ -23,7 +24,8 @@ def adapter_dir(model: str, name: str, seed: int = 0) -> Path:
     rank, targets, rslora = ADAPTERS[name]
     out = model_dir(model).parent / f"test-lora-{model}-{name}-{seed}"
     if not (out / "adapter_config.json").is_file():
-        write_adapter(model_dir(model), out, rank, targets, seed=seed + hash(name) % 1000, use_rslora=rslora)
+        write_adapter(model_dir(model), out, rank, targets, seed=seed + zlib.crc32(name.encode()) % 1000,
+                      use_rslora=rslora)
     return out
 
 

@@ -1,4 +1,7 @@
-"""Start a real `python -m engine.server` process on a free port for tests."""
+"""Start a real `python -m engine.server` process on a free port for tests.
+
+The server's output (its logs: request lines, stats, uvicorn's access log) is read by a thread as it
+comes, so a chatty server never blocks on a full pipe; `output()` returns what it wrote so far."""
 from __future__ import annotations
 
 import os
@@ -6,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import httpx
@@ -18,16 +22,21 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    def __init__(self, model: str = "tiny", *flags: str, timeout: float = 120):
+    def __init__(self, model: str = "tiny", *flags: str, timeout: float = 120, module: str = "engine.server",
+                 env: dict[str, str] | None = None):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        cmd = [sys.executable, "-m", "engine.server", model, "--host", "127.0.0.1", "--port", str(self.port), *flags]
+        cmd = [sys.executable, "-m", module, model, "--host", "127.0.0.1", "--port", str(self.port), *flags]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                     env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                                     env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+        self._lines: list[str] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.proc.stdout.read()}")
+                self._reader.join(5)
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.output()}")
             try:
                 if httpx.get(self.url + "/health", timeout=1).status_code == 200:
                     return
@@ -47,5 +56,12 @@ class ServerProcess:
                 self.proc.wait()
         return self.proc.returncode
 
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self._lines.append(line)
+
     def output(self) -> str:
-        return self.proc.stdout.read() if self.proc.stdout else ""
+        """Everything the server wrote so far (all of it once it has stopped)."""
+        if self.proc.poll() is not None:
+            self._reader.join(5)
+        return "".join(self._lines)

@@ -194,3 +194,11 @@ def test_help_lists_the_flags():
     assert r.exit_code == 0
     for flag in ("--num-prompts", "--dataset", "--baseline", "--enable-prefix-caching", "--kv-cache-memory"):
         assert flag in r.output
+
+
+def test_result_command_reads_as_typed():
+    from workbench.results import command_line
+
+    assert command_line(["/srv/repo/workbench/cli/__main__.py", "bench", "throughput"]) == "workbench bench throughput"
+    assert command_line(["/usr/local/bin/workbench", "tune"]) == "workbench tune"
+    assert command_line(["pytest", "-q"]) == "pytest -q"

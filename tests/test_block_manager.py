@@ -35,6 +35,7 @@ class FakeConfig:
         self.enable_chunked_prefill = kw.get("enable_chunked_prefill", True)
         self.enable_lora = kw.get("enable_lora", False)
         self.max_loras = kw.get("max_loras", 1)
+        self.pipeline_parallel_size = kw.get("pipeline_parallel_size", 1)
 
 
 def test_prefix_hits_counted_exactly():

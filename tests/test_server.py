@@ -193,9 +193,9 @@ def test_api_key_and_graceful_shutdown():
 def test_bad_flags_exit_cleanly():
     import subprocess
     import sys
-    r = subprocess.run([sys.executable, "-m", "engine.server", "tiny", "--tensor-parallel-size", "2"],
+    r = subprocess.run([sys.executable, "-m", "engine.server", "tiny", "--distributed-executor-backend", "ray"],
                        capture_output=True, text=True, timeout=60)
-    assert r.returncode == 2 and "tensor_parallel_size" in r.stderr and "Traceback" not in r.stderr
+    assert r.returncode == 2 and "distributed_executor_backend" in r.stderr and "Traceback" not in r.stderr
     r = subprocess.run([sys.executable, "-m", "engine.server", "no-such-model"], capture_output=True, text=True,
                        timeout=60)
     assert r.returncode == 2 and "neither a model directory nor a preset" in r.stderr

@@ -76,7 +76,7 @@ class BenchResult(BaseModel):
     kind: Literal["serve", "throughput", "latency", "gate", "quality"] = "serve"
     created: str = Field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
     label: str = ""  # a short name for plots and tables, e.g. "prefix-on" or "rate=4"
-    command: str = Field(default_factory=lambda: " ".join(sys.argv))
+    command: str = Field(default_factory=lambda: command_line())
     config: dict[str, Any] = Field(default_factory=dict)  # the benchmark's own settings
     environment: Environment = Field(default_factory=Environment)
     server: dict[str, Any] = Field(default_factory=dict)  # /version, /v1/models, engine config
@@ -113,6 +113,15 @@ class BenchResult(BaseModel):
             return cls.model_validate(data)
         except Exception as exc:  # pydantic's message lists every bad field
             raise ValueError(f"{path}: malformed result file: {exc}") from None
+
+
+def command_line(argv: list[str] | None = None) -> str:
+    """The command as a user would type it again: `workbench ...` however it was started (the console
+    script, `python -m workbench.cli`, or a path to it)."""
+    argv = list(sys.argv if argv is None else argv)
+    if argv and (Path(argv[0]).name == "workbench" or argv[0].endswith(("workbench/cli/__main__.py", "-m"))):
+        argv[0] = "workbench"
+    return " ".join(argv)
 
 
 def git_commit(cwd: str | Path | None = None) -> str:

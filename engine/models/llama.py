@@ -1,14 +1,29 @@
 """Llama-family decoder (Llama 2/3, Qwen2/2.5): RMSNorm, rotary, GQA attention, SwiGLU MLP.
 Qwen2 is Llama with biases on q/k/v. Parameter names follow Hugging Face checkpoints, except that
-q/k/v and gate/up are merged into one matmul each (see `packed_shards`)."""
+q/k/v and gate/up are merged into one matmul each (see `packed_shards`).
+
+Parallelism (engine/distributed/): with tensor parallelism each rank holds its heads and its slice of
+the MLP (engine/layers/parallel.py: one all-reduce after attention, one after the MLP); with pipeline
+parallelism a stage holds a contiguous range of the layers (local indices from 0; `checkpoint_name`
+maps the checkpoint's), the first stage the embedding, the last the final norm and the LM head. A
+stage that is not the last returns its hidden states and residual for the next one."""
 from __future__ import annotations
 
 import torch
 from torch import nn
 
+from engine.distributed.stage import IntermediateTensors
+from engine.distributed.state import SINGLE, ParallelRank
 from engine.layers.attention import Attention, AttentionMetadata
-from engine.layers.linear import Linear, linear_method
+from engine.layers.linear import linear_method
 from engine.layers.norm import RMSNorm
+from engine.layers.parallel import (
+    ColumnParallelLinear,
+    ParallelLMHead,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+    qkv_parallel_linear,
+)
 from engine.layers.rotary import RotaryEmbedding, rope_settings
 from kernels import activation
 
@@ -17,18 +32,29 @@ def head_dim_of(config) -> int:
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
+def num_kv_heads_of(config) -> int:
+    return getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+
+
+def local_kv_heads(config, par: ParallelRank) -> int:
+    """KV heads a tensor-parallel rank holds (one, replicated, when there are fewer heads than ranks)."""
+    return max(1, num_kv_heads_of(config) // par.tp_size)
+
+
 class DecoderAttention(nn.Module):
-    def __init__(self, config, qkv_bias: bool, o_bias: bool, quant=None, prefix: str = ""):
+    def __init__(self, config, qkv_bias: bool, o_bias: bool, par: ParallelRank = SINGLE, quant=None,
+                 prefix: str = ""):
         super().__init__()
-        self.num_heads = config.num_attention_heads
-        self.num_kv_heads = getattr(config, "num_key_value_heads", None) or self.num_heads
+        self.num_heads = config.num_attention_heads // par.tp_size
+        self.num_kv_heads = local_kv_heads(config, par)
         self.head_dim = head_dim_of(config)
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         self.sizes = [q_size, kv_size, kv_size]
-        self.qkv_proj = Linear(config.hidden_size, self.sizes, bias=qkv_bias,
-                               method=linear_method(quant, f"{prefix}.qkv_proj", ("q_proj", "k_proj", "v_proj")))
-        self.o_proj = Linear(q_size, [config.hidden_size], bias=o_bias,
-                             method=linear_method(quant, f"{prefix}.o_proj"))
+        self.qkv_proj = qkv_parallel_linear(config.hidden_size, config.num_attention_heads, num_kv_heads_of(config),
+                                            self.head_dim, par, qkv_bias,
+                                            linear_method(quant, f"{prefix}.qkv_proj", ("q_proj", "k_proj", "v_proj")))
+        self.o_proj = RowParallelLinear(config.num_attention_heads * self.head_dim, config.hidden_size, par, o_bias,
+                                        method=linear_method(quant, f"{prefix}.o_proj"))
         theta, scaling = rope_settings(config)
         self.rotary = RotaryEmbedding(self.head_dim, config.max_position_embeddings, theta, scaling)
         self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim)
@@ -44,14 +70,15 @@ class DecoderAttention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, config, quant=None, prefix: str = ""):
+    def __init__(self, config, par: ParallelRank = SINGLE, quant=None, prefix: str = ""):
         super().__init__()
         inter = config.intermediate_size
         bias = getattr(config, "mlp_bias", False)
-        self.gate_up_proj = Linear(config.hidden_size, [inter, inter], bias=bias,
-                                   method=linear_method(quant, f"{prefix}.gate_up_proj", ("gate_proj", "up_proj")))
-        self.down_proj = Linear(inter, [config.hidden_size], bias=bias,
-                                method=linear_method(quant, f"{prefix}.down_proj"))
+        self.gate_up_proj = ColumnParallelLinear(
+            config.hidden_size, [inter, inter], par, bias,
+            method=linear_method(quant, f"{prefix}.gate_up_proj", ("gate_proj", "up_proj")))
+        self.down_proj = RowParallelLinear(inter, config.hidden_size, par, bias,
+                                           method=linear_method(quant, f"{prefix}.down_proj"))
 
     def forward(self, x: torch.Tensor, lora=None) -> torch.Tensor:
         gate_up = self.gate_up_proj(x, lora)
@@ -60,10 +87,11 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config, qkv_bias: bool, o_bias: bool, quant=None, prefix: str = ""):
+    def __init__(self, config, qkv_bias: bool, o_bias: bool, par: ParallelRank = SINGLE, quant=None,
+                 prefix: str = ""):
         super().__init__()
-        self.self_attn = DecoderAttention(config, qkv_bias, o_bias, quant, f"{prefix}.self_attn")
-        self.mlp = MLP(config, quant, f"{prefix}.mlp")
+        self.self_attn = DecoderAttention(config, qkv_bias, o_bias, par, quant, f"{prefix}.self_attn")
+        self.mlp = MLP(config, par, quant, f"{prefix}.mlp")
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -79,18 +107,25 @@ class DecoderLayer(nn.Module):
 
 
 class DecoderModel(nn.Module):
-    def __init__(self, config, qkv_bias: bool, o_bias: bool, quant=None):
+    def __init__(self, config, qkv_bias: bool, o_bias: bool, par: ParallelRank = SINGLE, quant=None):
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.embed_tokens.weight.requires_grad_(False)
-        self.layers = nn.ModuleList(DecoderLayer(config, qkv_bias, o_bias, quant, f"model.layers.{i}")
-                                    for i in range(config.num_hidden_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.par = par
+        self.layer_range = par.layer_range(config.num_hidden_layers)
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, par) \
+            if par.is_first_stage else None
+        self.layers = nn.ModuleList(DecoderLayer(config, qkv_bias, o_bias, par, quant, f"model.layers.{i}")
+                                    for i in self.layer_range)
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps) if par.is_last_stage else None
 
-    def forward(self, input_ids, positions, meta, lora=None):
-        hidden, residual = self.embed_tokens(input_ids), None
+    def forward(self, input_ids, positions, meta, lora=None, intermediate: IntermediateTensors | None = None):
+        if intermediate is None:
+            hidden, residual = self.embed_tokens(input_ids), None
+        else:
+            hidden, residual = intermediate.hidden, intermediate.residual
         for layer in self.layers:
             hidden, residual = layer(positions, hidden, residual, meta, lora)
+        if self.norm is None:
+            return IntermediateTensors(hidden, residual)
         hidden, _ = self.norm(hidden, residual)
         return hidden
 
@@ -101,30 +136,47 @@ class LlamaForCausalLM(nn.Module):
     packed_shards = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
                      "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
 
-    def __init__(self, config, quant_config=None):
-        """`quant_config`: the checkpoint's QuantConfig (AWQ/GPTQ decoder linears; embeddings and the LM
-        head stay dense, as those formats keep them), or None."""
+    def __init__(self, config, par: ParallelRank = SINGLE, quant_config=None):
+        """`par`: this rank's place in the tensor/pipeline grid; `quant_config`: the checkpoint's
+        QuantConfig (AWQ/GPTQ decoder linears; embeddings and the LM head stay dense, as those formats
+        keep them), or None."""
         super().__init__()
         self.config = config
+        self.par = par
         attention_bias = bool(getattr(config, "attention_bias", False))
-        self.model = DecoderModel(config, self.always_qkv_bias or attention_bias, attention_bias, quant_config)
+        self.model = DecoderModel(config, self.always_qkv_bias or attention_bias, attention_bias, par, quant_config)
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
-        self.lm_head = Linear(config.hidden_size, [config.vocab_size], bias=False)
-        if self.tie_word_embeddings:
+        self.lm_head = ParallelLMHead(config.hidden_size, config.vocab_size, par) if par.is_last_stage else None
+        if self.tie_word_embeddings and self.lm_head is not None and self.model.embed_tokens is not None:
             self.lm_head.weight = self.model.embed_tokens.weight
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
-                lora=None) -> torch.Tensor:
+                lora=None, intermediate: IntermediateTensors | None = None) -> torch.Tensor | IntermediateTensors:
         """Returns final hidden states [tokens, hidden]; logits come from compute_logits on the rows
         that are sampled, so that prefill chunks do not pay for the vocabulary projection. `lora`: the
-        step's LoRAMapping (engine/lora/layers.py), passed down like the attention metadata."""
-        return self.model(input_ids, positions, meta, lora)
+        step's LoRAMapping (engine/lora/layers.py), passed down like the attention metadata. A later
+        pipeline stage starts from the previous stage's `intermediate` tensors instead of input_ids."""
+        return self.model(input_ids, positions, meta, lora, intermediate)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden).float()
+        return self.lm_head.logits(hidden)
 
     def attention_layers(self) -> list[Attention]:
         return [layer.self_attn.attn for layer in self.model.layers]
+
+    def checkpoint_name(self, name: str) -> str | None:
+        """This stage's name for a checkpoint tensor, or None when another stage holds it."""
+        if name.startswith("model.layers."):
+            index, rest = name[len("model.layers."):].split(".", 1)
+            local = int(index) - self.model.layer_range.start
+            return f"model.layers.{local}.{rest}" if 0 <= local < len(self.model.layer_range) else None
+        if name.startswith("model.embed_tokens."):
+            if self.model.embed_tokens is not None:
+                return name
+            return "lm_head.weight" if self.tie_word_embeddings and self.lm_head is not None else None
+        if name.startswith("model.norm.") or name.startswith("lm_head."):
+            return name if self.lm_head is not None else None
+        return name
 
 
 class Qwen2ForCausalLM(LlamaForCausalLM):

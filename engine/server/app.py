@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import logging
-from importlib import metadata
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -23,21 +22,15 @@ from engine.server.protocol import (
 from engine.server.serving_chat import create_chat_completion
 from engine.server.serving_common import OpenAIServing
 from engine.server.serving_completions import create_completion
+from engine.version import __version__
 
 log = logging.getLogger("engine.server")
-
-
-def package_version() -> str:
-    try:
-        return metadata.version("pagedbench")
-    except metadata.PackageNotFoundError:
-        return "0.1.0+local"
 
 
 def build_app(serving: OpenAIServing, allow_runtime_lora: bool = False) -> FastAPI:
     """`allow_runtime_lora`: serve /v1/load_lora_adapter and /v1/unload_lora_adapter
     (VLLM_ALLOW_RUNTIME_LORA_UPDATING)."""
-    app = FastAPI(title="PagedBench OpenAI-compatible server", version=package_version())
+    app = FastAPI(title="PagedBench OpenAI-compatible server", version=__version__)
     add_error_handlers(app)
 
     async def require_key(request: Request) -> None:
@@ -54,7 +47,7 @@ def build_app(serving: OpenAIServing, allow_runtime_lora: bool = False) -> FastA
 
     @open_routes.get("/version")
     async def version():
-        return {"version": package_version(), "api_server": serving.server_index}
+        return {"version": __version__, "api_server": serving.server_index}
 
     @open_routes.get("/metrics")
     async def metrics():

@@ -8,6 +8,7 @@ import re
 from dataclasses import MISSING, fields
 
 from engine.config import EngineConfig
+from engine.server.vllm_flags import ENGINE, SERVER, add_unsupported
 
 _UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "kib": 1024, "m": 1e6, "mb": 1e6, "mib": 1 << 20, "g": 1e9,
           "gb": 1e9, "gib": 1 << 30}
@@ -35,7 +36,10 @@ class OneLineParser(argparse.ArgumentParser):
 def build_parser(prog: str = "workbench serve") -> argparse.ArgumentParser:
     p = OneLineParser(prog=prog, description="OpenAI-compatible server over the PagedBench engine "
                       "(vLLM's flags and meanings).")
-    p.add_argument("model", help="model directory (Hugging Face format) or a preset name, e.g. tiny")
+    model_help = ("model directory (Hugging Face format), a preset name such as tiny, or a Hugging Face id "
+                  "(from the local Hugging Face cache; with --load-format dummy, the preset of its shape)")
+    p.add_argument("model", nargs="?", default=None, metavar="MODEL", help=model_help)
+    p.add_argument("--model", dest="model_flag", default=None, metavar="MODEL", help="the same, as vLLM's flag")
     s = p.add_argument_group("server")
     s.add_argument("--host", default="0.0.0.0")
     s.add_argument("--port", type=int, default=8000)
@@ -48,11 +52,42 @@ def build_parser(prog: str = "workbench serve") -> argparse.ArgumentParser:
     s.add_argument("--max-waiting-requests", type=_non_negative_int, default=0,
                    help="answer 429 while this many requests wait for their first token (0 = unlimited)")
     s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    s.add_argument("--disable-log-stats", action="store_true",
+                   help="no periodic engine stats line (every VLLM_LOG_STATS_INTERVAL s, default 10, while busy)")
+    s.add_argument("--disable-log-requests", dest="log_requests", action="store_false", default=True,
+                   help="no 'Received request' / 'Finished request' log lines")
+    s.add_argument("--enable-log-requests", dest="log_requests", action="store_true", default=True,
+                   help="log each request (the default; vLLM's newer spelling)")
+    s.add_argument("--max-log-len", type=_non_negative_int, default=None,
+                   help="characters of each prompt shown in the request log (default: all)")
+    s.add_argument("--disable-uvicorn-access-log", action="store_true", help="no HTTP access log lines")
+    s.add_argument("--uvicorn-log-level", default=None,
+                   choices=["critical", "error", "warning", "info", "debug", "trace"],
+                   help="uvicorn's own log level (default: --log-level)")
     s.add_argument("--lora-modules", nargs="+", type=lora_module, default=None, metavar="NAME=PATH",
                    help='LoRA adapters served by name: NAME=PATH or JSON {"name": ..., "path": ..., '
                         '"base_model_name": ...}; needs --enable-lora')
     add_engine_args(p)
+    add_unsupported(p, SERVER)
     return p
+
+
+class ArgsError(ValueError):
+    """A command line that parsed but cannot be used; the message is one line."""
+
+
+def parse_server_args(argv: list[str] | None, prog: str = "workbench serve") -> argparse.Namespace:
+    """The server's flags, with MODEL taken from the positional argument or --model (vLLM accepts both)."""
+    args = build_parser(prog).parse_args(argv)
+    positional, flag = args.model, args.model_flag
+    del args.model_flag
+    if positional and flag and positional != flag:
+        raise ArgsError(f"the model is given twice, as {positional!r} and as --model {flag!r}; give it once")
+    args.model = positional or flag
+    if not args.model:
+        raise ArgsError("no model given: pass MODEL (a directory, a preset such as tiny, or a Hugging Face id) "
+                        "or --model MODEL")
+    return args
 
 
 def lora_module(text: str):
@@ -108,6 +143,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     e.add_argument("--max-loras", type=int, help="GPU slots: distinct adapters in one step")
     e.add_argument("--max-lora-rank", type=int, help="the largest adapter rank")
     e.add_argument("--max-cpu-loras", type=int, default=None, help="adapters kept in CPU memory (default max-loras)")
+    e.add_argument("--trust-remote-code", action="store_true",
+                   help="accepted for vLLM command lines; no effect: every supported architecture is built in")
     e.add_argument("--speculative-config", type=speculative_json, default=None,
                    help='speculative decoding, as vLLM: JSON {"method": "ngram" | "draft_model", "model": ..., '
                         '"num_speculative_tokens": k, "prompt_lookup_max": 4, "prompt_lookup_min": 2}')
@@ -116,14 +153,21 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     e.add_argument("--num-speculative-tokens", type=int, default=None, help="draft tokens per step (0: off)")
     e.add_argument("--ngram-prompt-lookup-max", type=int, default=None)
     e.add_argument("--ngram-prompt-lookup-min", type=int, default=None)
-    # Accepted so vLLM command lines parse; EngineConfig refuses them with a clear message.
-    e.add_argument("--tensor-parallel-size", "-tp", type=int)
-    e.add_argument("--pipeline-parallel-size", "-pp", type=int)
-    e.add_argument("--quantization", "-q", default=None)
+    e.add_argument("--tensor-parallel-size", "-tp", type=int,
+                   help="ranks each layer is split over (heads, MLP, vocabulary); one worker process each")
+    e.add_argument("--pipeline-parallel-size", "-pp", type=int,
+                   help="stages the layers are split into; the world size is tp x pp worker processes")
+    e.add_argument("--distributed-executor-backend", default=None, choices=["uni", "mp", "ray"],
+                   help="uni: the worker in the engine's process (one rank); mp: one worker process per rank "
+                        "(the default for more than one); ray is not available")
+    e.add_argument("--quantization", "-q", default=None,
+                   help="awq | gptq (or vLLM's awq_marlin, gptq_marlin); default: from the checkpoint's config.json")
+    add_unsupported(e, ENGINE)
 
 
 SERVER_ONLY = {"host", "port", "api_key", "max_n", "log_level", "api_server_count", "max_waiting_requests",
-               "lora_modules"}
+               "lora_modules", "log_requests", "max_log_len", "disable_uvicorn_access_log", "uvicorn_log_level",
+               "model_flag"}  # model_flag: --model, folded into the positional by parse_server_args
 
 
 def speculative_json(text: str) -> dict:

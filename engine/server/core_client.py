@@ -57,8 +57,13 @@ class _Stream:
 class CoreClient:
     def __init__(self, info: CoreInfo, addresses: CoreAddresses, client_index: int, tokenizer,
                  on_step: Callable[[list[RequestState]], None] | None = None,
-                 on_dead: Callable[[], None] | None = None):
+                 on_dead: Callable[[], None] | None = None, log_requests: bool = False,
+                 max_log_len: int | None = None):
+        """`log_requests`: a log line when each request arrives and when it ends (vLLM's request log;
+        `max_log_len` cuts the prompt shown in it)."""
         self.info = info
+        self.log_requests = log_requests
+        self.max_log_len = max_log_len
         self.client_index = client_index
         self.processor = OutputProcessor(tokenizer)
         self.stats: EngineStats = info.stats
@@ -116,9 +121,11 @@ class CoreClient:
             request.lora = lora
         stream = self._streams[request_id] = _Stream(self.processor.requests[request_id])
         self._unstarted.add(request_id)
+        if self.log_requests:
+            self._log_received(request_id, prompt, prompt_token_ids, params, lora)
         for request in core_requests:
             self._out.send_multipart([ADD, self._encoder.encode(request)], copy=False)
-        finished = False
+        out, finished = None, False
         try:
             while not finished:
                 await stream.wake.wait()
@@ -133,6 +140,26 @@ class CoreClient:
             self._unstarted.discard(request_id)
             if not finished:
                 self.abort(request_id)
+            if self.log_requests:
+                self._log_ended(request_id, out if finished else None, stream.state.metrics.arrival_time)
+
+    def _log_received(self, request_id: str, prompt: str | None, prompt_token_ids: list[int], params: SamplingParams,
+                      lora: LoRARequest | None) -> None:
+        # Chat prompts and token-id prompts arrive as ids only; they are not decoded just to be logged.
+        shown = "(token ids)" if prompt is None else repr(prompt[:self.max_log_len] if self.max_log_len is not None
+                                                          else prompt)
+        log.info("Received request %s: prompt: %s, prompt tokens: %d, params: %s, lora_request: %s", request_id, shown,
+                 len(prompt_token_ids), params, lora.lora_name if lora is not None else None)
+
+    @staticmethod
+    def _log_ended(request_id: str, out: RequestOutput | None, arrival_time: float) -> None:
+        if out is None:
+            log.info("Aborted request %s.", request_id)
+            return
+        reasons = ", ".join(sorted({str(c.finish_reason) for c in out.outputs}))
+        log.info("Finished request %s: %d prompt + %d generated tokens in %.2f s (finish reason: %s).", request_id,
+                 len(out.prompt_token_ids or ()), sum(len(c.token_ids) for c in out.outputs),
+                 time.monotonic() - arrival_time, reasons)
 
     def abort(self, request_id: str) -> None:
         children = self.processor.child_ids(request_id)

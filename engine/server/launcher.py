@@ -37,8 +37,11 @@ class ApiSettings:
     max_n: int
     max_waiting_requests: int
     log_level: str
-    access_log: bool
+    access_log: bool  # uvicorn's line per HTTP request (--disable-uvicorn-access-log turns it off)
     multiprocess_metrics: bool
+    log_requests: bool = True  # "Received request" / "Finished request" lines (--disable-log-requests)
+    max_log_len: int | None = None  # prompt characters shown in them (None: all)
+    uvicorn_log_level: str | None = None  # uvicorn's own loggers (None: log_level)
     allow_runtime_lora: bool = False  # VLLM_ALLOW_RUNTIME_LORA_UPDATING: the load/unload endpoints
 
 
@@ -139,7 +142,8 @@ def run_api_server(settings: ApiSettings, sock: socket.socket, info: CoreInfo, a
         if server is not None:
             server.should_exit = True  # in-flight requests have their errors already
 
-    client = CoreClient(info, addresses, index, tokenizer, on_dead=on_dead)
+    client = CoreClient(info, addresses, index, tokenizer, on_dead=on_dead, log_requests=settings.log_requests,
+                        max_log_len=settings.max_log_len)
     metrics = ServerMetrics(settings.model_name, lambda: client.stats, settings.multiprocess_metrics)
     client.on_step = metrics.observe
     limits = ServerLimits(info.max_model_len, info.vocab_size, info.max_logprobs, settings.max_n,
@@ -155,8 +159,8 @@ def run_api_server(settings: ApiSettings, sock: socket.socket, info: CoreInfo, a
         await client.close()  # before the core stops, so that its exit is not taken for a crash
 
     app.router.lifespan_context = lifespan
-    config = uvicorn.Config(app, log_level=settings.log_level, timeout_graceful_shutdown=10,
-                            access_log=settings.access_log)
+    config = uvicorn.Config(app, log_level=settings.uvicorn_log_level or settings.log_level,
+                            timeout_graceful_shutdown=10, access_log=settings.access_log)
     server = _graceful_server_class()(config)
     server.run(sockets=[sock])
     return exit_code

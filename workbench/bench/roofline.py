@@ -117,12 +117,17 @@ class ModelShape:
         from engine.models.llama import head_dim_of
 
         hf, dtype = engine.config.hf_config, engine.config.torch_dtype
-        model = engine.runner.model
         elem = torch.empty(0, dtype=dtype).element_size()
-        params, nbytes = _logical_params_and_bytes(model)  # a tied LM head counts once
+        if engine.runner is not None:
+            model = engine.runner.model
+            params, nbytes = _logical_params_and_bytes(model)  # a tied LM head counts once
+            embed_elem = model.model.embed_tokens.weight.element_size()
+        else:  # worker processes hold the (sharded, dense: quantization is one rank only) weights
+            params, embed_elem = config_params(hf), elem
+            nbytes = params * elem
         if not getattr(hf, "tie_word_embeddings", False):
             params -= hf.vocab_size * hf.hidden_size  # the input embedding is a row lookup, not a matmul
-            nbytes -= hf.vocab_size * hf.hidden_size * model.model.embed_tokens.weight.element_size()
+            nbytes -= hf.vocab_size * hf.hidden_size * embed_elem
         return cls(matmul_params=params, layers=hf.num_hidden_layers, heads=hf.num_attention_heads,
                    kv_heads=getattr(hf, "num_key_value_heads", None) or hf.num_attention_heads,
                    head_dim=head_dim_of(hf), dtype_bytes=elem,
@@ -147,6 +152,21 @@ def _logical_params_and_bytes(model) -> tuple[int, int]:
         if id(p) not in quantized:
             params += p.numel()
     return params, nbytes
+
+
+def config_params(hf) -> int:
+    """The model's parameters from its config (the matmuls, norms and one vocabulary matrix; as
+    counting the parameters of a model whose tied LM head counts once)."""
+    from engine.models.llama import head_dim_of
+
+    hidden, inter, hd = hf.hidden_size, hf.intermediate_size, head_dim_of(hf)
+    heads = hf.num_attention_heads
+    kv_heads = getattr(hf, "num_key_value_heads", None) or heads
+    qkv_bias = "Qwen2ForCausalLM" in (hf.architectures or []) or bool(getattr(hf, "attention_bias", False))
+    per_layer = ((hidden + qkv_bias) * (heads + 2 * kv_heads) * hd + heads * hd * hidden + 3 * hidden * inter
+                 + 2 * hidden)
+    vocab = hf.vocab_size * hidden * (1 if getattr(hf, "tie_word_embeddings", False) else 2)
+    return hf.num_hidden_layers * per_layer + vocab + hidden
 
 
 def phase_floor(rates: DeviceRates, nbytes: float, flops: float) -> float:

@@ -63,7 +63,20 @@ app.command("report")(report)
 
 
 def main() -> None:
-    app()
+    """The `workbench` script. A usage error is one line and exit 2 (`workbench tune: error: No such
+    option: --x`), as the argparse commands give, rather than the boxed usage of typer's click."""
+    try:
+        code = app(standalone_mode=False, prog_name="workbench")
+    except typer.Abort:
+        raise SystemExit(130) from None
+    except typer.TyperException as exc:  # click's usage and parameter errors, as typer vendors them
+        ctx = getattr(exc, "ctx", None)
+        if type(exc).__name__ == "NoArgsIsHelpError":  # a bare group: its help, as click shows it
+            typer.echo(ctx.get_help() if ctx else exc.format_message())
+            raise SystemExit(2) from None
+        typer.echo(f"{ctx.command_path if ctx else 'workbench'}: error: {exc.format_message()}", err=True)
+        raise SystemExit(getattr(exc, "exit_code", 1)) from None
+    raise SystemExit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import fields
+from dataclasses import asdict, fields
 from pathlib import Path
+from types import SimpleNamespace
 
-from engine.config import DTYPES, EngineConfig
+from engine.config import DTYPES, ConfigError, EngineConfig, check_parallel_shapes
 from engine.presets import PRESETS, PresetSpec, estimate_params, tensor_shapes
 from engine.server.args import byte_size
 from workbench.bench.roofline import ModelShape
@@ -83,10 +84,18 @@ def refuse(model: str, flags: dict, device_memory: int | None) -> tuple[str | No
     spec = model_spec(model)
     if spec is None:
         return None, {}
+    tp, pp = cfg["tensor_parallel_size"], cfg["pipeline_parallel_size"]
+    try:
+        check_parallel_shapes(SimpleNamespace(**asdict(spec)), tp, pp)
+    except ConfigError as exc:
+        return str(exc), {}
     model_len = cfg["max_model_len"] or spec.max_position_embeddings
     if tokens is not None and not cfg["enable_chunked_prefill"] and tokens < model_len:
         return f"max_num_batched_tokens ({tokens}) < max_model_len ({model_len}) without chunked prefill", {}
     est = estimate(spec, flags, on_gpu=device_memory is not None, quant=model_quantization(model))
+    if tp * pp > 1:  # each rank holds its share of the weights and of every token's KV (the figures below)
+        est["weight_bytes"] //= tp * pp
+        est["kv_bytes_per_token"] //= tp * pp
     block = cfg["block_size"]
     one_seq = math.ceil(model_len / block) * block * est["kv_bytes_per_token"]
     est["one_sequence_kv_bytes"] = one_seq
