@@ -89,7 +89,9 @@ def test_api_server_module_logs_stats_requests_and_access():
         assert srv.stop() == 0
     out = srv.output()
     lines = [m for m in map(STATS.search, out.splitlines()) if m]
-    assert any(int(m[3]) >= 1 and float(m[2]) > 0 for m in lines), out[-3000:]  # under load: running, generating
+    # Under load: a line that sees requests running, and one that counts the tokens generated (the same
+    # line only when the requests outlast an interval, which a fast machine does not guarantee).
+    assert any(int(m[3]) >= 1 for m in lines) and any(float(m[2]) > 0 for m in lines), out[-3000:]
     assert int(lines[-1][3]) == 0 and int(lines[-1][4]) == 0  # the last one: idle
     assert out.count("Received request cmpl-") == 4 and out.count("Finished request cmpl-") == 4
     assert out.count("prompt: 'request', prompt tokens: ") == 4  # "request {i}" cut at --max-log-len 7
