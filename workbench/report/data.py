@@ -42,8 +42,14 @@ class OtherFile:
 
 
 def offline_runs(runs: list[RunFile], kind: str) -> list[RunFile]:
-    """`bench throughput` or `bench latency` results, oldest first."""
-    return sorted((r for r in runs if r.result.kind == kind), key=lambda r: r.result.created)
+    """`bench throughput` or `bench latency` results, oldest first; a tuning study's own trial runs
+    (their folder holds the study's *-best.json) belong to the study, not among the benchmarks."""
+    return sorted((r for r in runs if r.result.kind == kind and not from_a_study(r)),
+                  key=lambda r: r.result.created)
+
+
+def from_a_study(run: RunFile) -> bool:
+    return any(run.path.parent.glob("*-best.json"))
 
 
 def run_title(run: RunFile) -> str:

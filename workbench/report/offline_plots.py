@@ -18,6 +18,11 @@ def _empty(ax, text: str) -> None:
     ax.text(0.5, 0.5, text, ha="center", transform=ax.transAxes)
 
 
+def fit_under_title(fig) -> None:
+    """tight_layout with room for the suptitle (half an inch), however tall the figure."""
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.45 / fig.get_figheight()))
+
+
 # ---------------------------------------------------------------- throughput
 def ceiling_throughput(run: RunFile) -> float | None:
     """Output tokens/s if the run took exactly its roofline floor."""
@@ -53,10 +58,12 @@ def throughput_vs_floor(runs: list[RunFile]):
             ratios.append(f"{m['speedup_vs_baseline']:.0f}x transformers")
         if m.get("time_over_floor"):
             ratios.append(f"{m['time_over_floor']:.2f}x the floor's time")
-        ax.set_title(f"{run_title(run)}: " + ", ".join(ratios), fontsize=9, loc="left")
+        seqs = run.result.config.get("max_num_seqs")  # what tells apart runs of one model, device, commit
+        ax.set_title(f"{run_title(run)}{f' · max-num-seqs {seqs}' if seqs else ''}: " + ", ".join(ratios),
+                     fontsize=9, loc="left")
         ax.grid(alpha=0.3, axis="x")
     axes[-1][0].set_xlabel("output tokens/s (log scale)")
-    fig.tight_layout()
+    fit_under_title(fig)
     return fig
 
 
@@ -102,7 +109,7 @@ def latency_vs_batch(run: RunFile):
         ax.set_ylabel(f"{key} (ms)")
         ax.set_ylim(bottom=0)
         ax.legend(fontsize=8)
-    fig.tight_layout()
+    fit_under_title(fig)
     return fig
 
 
@@ -189,7 +196,7 @@ def loadgen_ceiling(files: list[OtherFile]):
         ax.set_xticks(range(len(files)), [f"--workers {f.data.get('workers', '?')}" for f in files])
         ax.set_ylabel(label)
         ax.grid(alpha=0.3, axis="y")
-    fig.tight_layout()
+    fit_under_title(fig)
     return fig
 
 
