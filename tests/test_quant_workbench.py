@@ -3,7 +3,6 @@ offline benchmarks with --quantization, the server, and a tuning study over a qu
 from __future__ import annotations
 
 import json
-import textwrap
 
 import httpx
 import pytest
@@ -12,6 +11,7 @@ from typer.testing import CliRunner
 from tests.engine_helpers import model_dir
 from tests.quant_helpers import quantized_dir
 from tests.server_process import ServerProcess
+from tests.test_tune import WORKLOAD, study_file
 from workbench.bench.quality import BUILTIN_TEXT
 from workbench.cli import app
 from workbench.results import BenchResult
@@ -87,8 +87,7 @@ def test_served_and_tuned_quantized_model(tmp_path):
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 5
     finally:
         server.stop()
-    study = tmp_path / "q.toml"
-    study.write_text(textwrap.dedent(f"""
+    study = study_file(tmp_path, f"""
         [study]
         name = "quant"
         model = "{qdir}"
@@ -99,15 +98,7 @@ def test_served_and_tuned_quantized_model(tmp_path):
         kv_cache_memory = "16MiB"
         [search_space]
         max_num_seqs = {{ type = "int", low = 1, high = 8 }}
-        [workload]
-        num_prompts = 8
-        input_len = 16
-        output_len = 6
-        max_concurrency = 4
-        [[objectives]]
-        metric = "output_throughput"
-        direction = "maximize"
-        """))
+        """ + WORKLOAD, name="q")
     r = invoke("tune", str(study), "--results-dir", str(tmp_path / "res"))
     assert r.exit_code == 0, r.output
     best = json.loads((tmp_path / "res" / "quant-best.json").read_text())["best"][0]
